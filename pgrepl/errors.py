@@ -52,3 +52,7 @@ class DecodeError(PgreplError):
 
     def __reduce__(self):  # keep attributes across pickling (multiprocessing, logging handlers)
         return (type(self), (self.reason, self.msg_type, self.offset, self.index, self.lsn))
+
+
+class MalformedRecordError(PgreplError):
+    """A Kafka record is not a valid ReplicationOp (bad JSON, missing fields, wrong types)."""
