@@ -12,7 +12,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringA
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy
+from libc.stdlib cimport qsort
+from libc.string cimport memchr, memcpy, memset
 
 import logging
 
@@ -100,7 +101,57 @@ cdef void _init_tables():
     SHORT_ESCAPE[0x0D] = b'r'
 
 
+cdef uint32_t CRC32_TABLE[8][256]   # slicing-by-8 tables
+
+
+cdef void _init_crc32():
+    cdef uint32_t c
+    cdef int n
+    cdef int k
+    for n in range(256):
+        c = <uint32_t>n
+        for k in range(8):
+            c = ((<uint32_t>0xEDB88320) ^ (c >> 1)) if (c & 1) else (c >> 1)
+        CRC32_TABLE[0][n] = c
+    for n in range(256):
+        for k in range(1, 8):
+            CRC32_TABLE[k][n] = (CRC32_TABLE[k - 1][n] >> 8) ^ CRC32_TABLE[0][CRC32_TABLE[k - 1][n] & 0xFF]
+
+
+cdef inline uint32_t _le32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0]) | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline uint32_t crc32(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    # CRC-32 (IEEE), as zlib and librdkafka's consistent partitioners compute it
+    cdef uint32_t c = ~(<uint32_t>0)
+    cdef uint32_t one
+    cdef uint32_t two
+    while n >= 8:
+        one = _le32(s) ^ c
+        two = _le32(s + 4)
+        c = (CRC32_TABLE[7][one & 0xFF] ^ CRC32_TABLE[6][(one >> 8) & 0xFF]
+             ^ CRC32_TABLE[5][(one >> 16) & 0xFF] ^ CRC32_TABLE[4][one >> 24]
+             ^ CRC32_TABLE[3][two & 0xFF] ^ CRC32_TABLE[2][(two >> 8) & 0xFF]
+             ^ CRC32_TABLE[1][(two >> 16) & 0xFF] ^ CRC32_TABLE[0][two >> 24])
+        s += 8
+        n -= 8
+    while n > 0:
+        c = CRC32_TABLE[0][(c ^ s[0]) & 0xFF] ^ (c >> 8)
+        s += 1
+        n -= 1
+    return ~c
+
+
 _init_tables()
+_init_crc32()
+
+
+def key_partition(bytes key, int partition_count):
+    """The partition librdkafka's default ``consistent_random`` partitioner picks for a non-empty key."""
+    if partition_count <= 0:
+        raise ValueError("partition_count must be positive")
+    return crc32(<const uint8_t*>PyBytes_AS_STRING(key), len(key)) % <uint32_t>partition_count
 
 
 cdef inline Py_ssize_t utf8_seq_len(const uint8_t* s, Py_ssize_t i, Py_ssize_t n) nogil:
@@ -336,18 +387,31 @@ cdef class Commit:
 
 
 cdef class Batch:
-    """What one ``decode_batch`` call produced: parallel record lists plus the commits seen."""
+    """What one ``decode_batch`` call produced: parallel record lists plus the commits seen.
+
+    ``partitions`` holds each record's partition (-1 when the topic's partition count is not
+    known: librdkafka then picks). ``markers`` are the indexes of the records that are the last
+    of their (topic, partition) in the batch, plus every record with partition -1: under an
+    idempotent producer their delivery proves the delivery of every earlier record. ``begins``
+    are the positions in ``payloads`` of the Begin messages.
+    """
 
     cdef public list topics
     cdef public list keys
     cdef public list values
+    cdef public list partitions
     cdef public list commits
+    cdef public list markers
+    cdef public list begins
 
     def __cinit__(self):
         self.topics = []
         self.keys = []
         self.values = []
+        self.partitions = []
         self.commits = []
+        self.markers = []
+        self.begins = []
 
     def __len__(self):
         return len(self.values)
@@ -366,6 +430,7 @@ cdef class Relation:
     cdef readonly str replica_identity
     cdef readonly object topic_info
     cdef object topic            # str, or None when unmapped
+    cdef int topic_id            # index into the decoder's per-topic partition tables
     cdef str config_problem      # why rows of this relation can't be produced, or None
     cdef bytes prefix            # {"table_name":"…","col_names":[…],"lsn":
     cdef int ncols
@@ -404,15 +469,33 @@ cdef bytes OP_DELETE = b',"op":{"Delete":['
 cdef bytes SEQ_ID = b',"seq_id":'
 
 
+cdef int _cmp_index(const void* a, const void* b) noexcept nogil:
+    cdef Py_ssize_t x = (<const Py_ssize_t*>a)[0]
+    cdef Py_ssize_t y = (<const Py_ssize_t*>b)[0]
+    return (x > y) - (x < y)
+
+
 cdef class Decoder:
     """Turns pgoutput protocol-v1 messages into Kafka records, one decoder per replication stream.
 
     ``topic_map`` maps table names (``table`` or ``schema.table``) to ``TopicInfo`` or dicts
     with ``name`` and ``partition_key``. ``truncate`` says what a TRUNCATE does: ``"error"``
     (default) raises ``ReplicationError``; ``"skip"`` logs a warning and produces nothing.
+    Once ``set_partition_count`` knows a topic's partitions, records get explicit partitions:
+    CRC-32 of the key modulo the count (librdkafka's default for keyed records), round-robin
+    for records without a key.
     """
 
     cdef dict _topic_map
+    cdef dict _topic_ids         # topic name -> id
+    cdef int _ntopics
+    cdef int* _part_count        # per topic id; 0 = unknown
+    cdef Py_ssize_t* _part_base  # per topic id: offset of its slots in _last_index
+    cdef uint32_t* _round_robin  # per topic id
+    cdef Py_ssize_t* _last_index # per (topic, partition) slot: last record index in this batch, -1
+    cdef Py_ssize_t _nslots
+    cdef Py_ssize_t* _touched    # slots written in this batch
+    cdef Py_ssize_t _ntouched
     cdef dict _relations
     cdef Relation _last_rel
     cdef bint _truncate_skip
@@ -437,9 +520,29 @@ cdef class Decoder:
         self._old = NULL
         self._new = NULL
         self._col_cap = 0
+        self._part_count = NULL
+        self._part_base = NULL
+        self._round_robin = NULL
+        self._last_index = NULL
+        self._touched = NULL
+        self._nslots = 0
+        self._ntouched = 0
 
     def __init__(self, topic_map, truncate="error"):
         self._topic_map = normalize_topic_map(topic_map)
+        self._topic_ids = {}
+        for info in self._topic_map.values():
+            if info.name not in self._topic_ids:
+                self._topic_ids[info.name] = len(self._topic_ids)
+        self._ntopics = len(self._topic_ids)
+        self._part_count = <int*>PyMem_Malloc(sizeof(int) * self._ntopics)
+        self._part_base = <Py_ssize_t*>PyMem_Malloc(sizeof(Py_ssize_t) * self._ntopics)
+        self._round_robin = <uint32_t*>PyMem_Malloc(sizeof(uint32_t) * self._ntopics)
+        if self._part_count == NULL or self._part_base == NULL or self._round_robin == NULL:
+            raise MemoryError()
+        memset(self._part_count, 0, sizeof(int) * self._ntopics)
+        memset(self._part_base, 0, sizeof(Py_ssize_t) * self._ntopics)
+        memset(self._round_robin, 0, sizeof(uint32_t) * self._ntopics)
         if truncate not in ("error", "skip"):
             raise ConfigError(f"truncate must be 'error' or 'skip', got {truncate!r}")
         self._truncate_skip = truncate == "skip"
@@ -454,6 +557,42 @@ cdef class Decoder:
         PyMem_Free(self._key.data)
         PyMem_Free(self._old)
         PyMem_Free(self._new)
+        PyMem_Free(self._part_count)
+        PyMem_Free(self._part_base)
+        PyMem_Free(self._round_robin)
+        PyMem_Free(self._last_index)
+        PyMem_Free(self._touched)
+
+    @property
+    def topics(self):
+        """The distinct topic names of the topic map."""
+        return list(self._topic_ids)
+
+    def set_partition_count(self, str topic, int count):
+        """Tell the decoder how many partitions ``topic`` has, so records get explicit partitions."""
+        if topic not in self._topic_ids:
+            raise ConfigError(f"topic {topic!r} is not in the topic map")
+        if count <= 0:
+            raise ConfigError(f"topic {topic!r} must have at least one partition, got {count}")
+        self._part_count[<int>self._topic_ids[topic]] = count
+        cdef Py_ssize_t total = 0
+        cdef int t
+        for t in range(self._ntopics):
+            self._part_base[t] = total
+            total += self._part_count[t]
+        cdef Py_ssize_t* last = <Py_ssize_t*>PyMem_Realloc(self._last_index, sizeof(Py_ssize_t) * (total + 1))
+        if last == NULL:
+            raise MemoryError()
+        self._last_index = last
+        cdef Py_ssize_t* touched = <Py_ssize_t*>PyMem_Realloc(self._touched, sizeof(Py_ssize_t) * (total + 1))
+        if touched == NULL:
+            raise MemoryError()
+        self._touched = touched
+        self._nslots = total
+        cdef Py_ssize_t k
+        for k in range(total):
+            self._last_index[k] = -1
+        self._ntouched = 0
 
     @property
     def in_transaction(self):
@@ -506,9 +645,42 @@ cdef class Decoder:
         cdef list items = payloads if type(payloads) is list else list(payloads)
         cdef Py_ssize_t i
         cdef Py_ssize_t n = len(items)
-        for i in range(n):
-            self._decode_any(items[i], batch, i)
+        self._clear_slots()
+        try:
+            for i in range(n):
+                self._decode_any(items[i], batch, i)
+            self._collect_markers(batch)
+        finally:
+            self._clear_slots()
         return batch
+
+    cdef void _clear_slots(self):
+        cdef Py_ssize_t k
+        for k in range(self._ntouched):
+            self._last_index[self._touched[k]] = -1
+        self._ntouched = 0
+
+    cdef int _collect_markers(self, Batch batch) except -1:
+        """Markers = last record of each touched (topic, partition) slot, in record order."""
+        cdef Py_ssize_t k
+        cdef list extra = batch.markers   # records with unknown partition, already in order
+        if self._ntouched == 0:
+            return 0
+        cdef Py_ssize_t* idx = <Py_ssize_t*>PyMem_Malloc(sizeof(Py_ssize_t) * self._ntouched)
+        if idx == NULL:
+            raise MemoryError()
+        try:
+            for k in range(self._ntouched):
+                idx[k] = self._last_index[self._touched[k]]
+            qsort(idx, self._ntouched, sizeof(Py_ssize_t), _cmp_index)
+            merged = [idx[k] for k in range(self._ntouched)]
+        finally:
+            PyMem_Free(idx)
+        if extra:
+            merged.extend(extra)
+            merged.sort()
+        batch.markers = merged
+        return 0
 
     cdef int _decode_any(self, object payload, Batch batch, Py_ssize_t index) except -1:
         cdef Py_buffer view
@@ -542,6 +714,7 @@ cdef class Decoder:
             self._row(&r, batch, 0x44)
         elif t == 0x42:  # 'B'
             self._begin(&r)
+            batch.begins.append(index)
         elif t == 0x43:  # 'C'
             self._commit(&r, batch)
         elif t == 0x52:  # 'R'
@@ -630,6 +803,7 @@ cdef class Decoder:
                 f"'{name}' to the topic map or remove the table from the publication")
         else:
             rel.topic = info.name
+            rel.topic_id = self._topic_ids[info.name]
             key_cols = info.partition_key
             rel.key_idx = <int*>PyMem_Malloc(sizeof(int) * (len(key_cols) + 1))
             if rel.key_idx == NULL:
@@ -757,12 +931,38 @@ cdef class Decoder:
             key_row = self._old
         buf_put(out, b"]}}", 3)
         value = PyBytes_FromStringAndSize(out.data, out.len)
-        key = self._make_key(r, rel, key_row) if rel.nkey else None
+        if rel.nkey:
+            key = self._make_key(r, rel, key_row)
+        else:
+            key = None
+            self._key.len = 0
+        cdef Py_ssize_t record_index = len(batch.values)
         batch.topics.append(rel.topic)
         batch.keys.append(key)
         batch.values.append(value)
+        batch.partitions.append(self._partition(rel.topic_id, record_index, batch))
         self._seq += 1
         return 0
+
+    cdef int _partition(self, int topic_id, Py_ssize_t record_index, Batch batch) except -2:
+        """Pick the record's partition and remember it as the slot's latest record."""
+        cdef int count = self._part_count[topic_id]
+        cdef uint32_t part
+        cdef Py_ssize_t slot
+        if count == 0:
+            batch.markers.append(record_index)
+            return -1
+        if self._key.len > 0:
+            part = crc32(<const uint8_t*>self._key.data, self._key.len) % <uint32_t>count
+        else:
+            part = self._round_robin[topic_id] % <uint32_t>count
+            self._round_robin[topic_id] += 1
+        slot = self._part_base[topic_id] + part
+        if self._last_index[slot] < 0:
+            self._touched[self._ntouched] = slot
+            self._ntouched += 1
+        self._last_index[slot] = record_index
+        return <int>part
 
     cdef int _missing_old_row(self, Relation rel, str what) except -1:
         raise ConfigError(
