@@ -393,7 +393,8 @@ cdef class Batch:
     known: librdkafka then picks). ``markers`` are the indexes of the records that are the last
     of their (topic, partition) in the batch, plus every record with partition -1: under an
     idempotent producer their delivery proves the delivery of every earlier record. ``begins``
-    are the positions in ``payloads`` of the Begin messages.
+    are the positions in ``payloads`` of the Begin messages; ``begin_starts`` their WAL
+    positions (XLogData data_start) when a ``ReplicationStream`` produced the batch.
     """
 
     cdef public list topics
@@ -403,6 +404,7 @@ cdef class Batch:
     cdef public list commits
     cdef public list markers
     cdef public list begins
+    cdef public list begin_starts
 
     def __cinit__(self):
         self.topics = []
@@ -412,6 +414,7 @@ cdef class Batch:
         self.commits = []
         self.markers = []
         self.begins = []
+        self.begin_starts = []
 
     def __len__(self):
         return len(self.values)
@@ -1035,3 +1038,6 @@ cdef class Decoder:
             f"TRUNCATE of {', '.join(names)} (transaction commit LSN {where}) cannot be expressed as "
             f"row changes; publish without truncate (ALTER PUBLICATION ... SET (publish = "
             f"'insert, update, delete')) or pass truncate='skip'")
+
+
+include "_stream.pxi"

@@ -56,3 +56,7 @@ class DecodeError(PgreplError):
 
 class MalformedRecordError(PgreplError):
     """A Kafka record is not a valid ReplicationOp (bad JSON, missing fields, wrong types)."""
+
+
+class DeliveryError(PgreplError):
+    """Kafka refused or lost a record (or the producer hit a fatal error): nothing past it is confirmed."""
