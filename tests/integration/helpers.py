@@ -1,0 +1,143 @@
+"""Shared helpers for integration tests: read topics to EOF, run a producer, query slots."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import orjson
+import psycopg2
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from pgrepl.lsn import parse_lsn
+from pgrepl.producer import Producer
+
+Message = Tuple[int, int, Optional[bytes], bytes]  # partition, offset, key, value
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> List[Message]:
+    """Every record of ``topic``, read from the beginning to the end of each partition.
+
+    Reads to partition EOF rather than trusting high watermarks (tansu reports the last
+    batch's base offset + 1 as the high watermark).
+    """
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
+        "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
+    })
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        if not partitions:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        done: set = set()
+        out: List[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(done) < len(partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}: no EOF on partitions {set(partitions) - done}")
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    done.add(msg.partition())
+                    continue
+                raise RuntimeError(f"reading {topic}: {msg.error()}")
+            done.discard(msg.partition())
+            out.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
+        return out
+    finally:
+        consumer.close()
+
+
+def ops_of(messages: List[Message]) -> List[Dict[str, Any]]:
+    """Decoded JSON values, in (partition, offset) order."""
+    return [orjson.loads(v) for _, _, _, v in sorted(messages, key=lambda m: (m[0], m[1]))]
+
+
+def dedupe(messages: List[Message]) -> Dict[Tuple[int, int], bytes]:
+    """(lsn, seq_id) -> value; asserts every duplicate is an exact replay."""
+    seen: Dict[Tuple[int, int], bytes] = {}
+    for _, _, _, value in messages:
+        op = orjson.loads(value)
+        position = (op["lsn"], op["seq_id"])
+        if position in seen:
+            assert seen[position] == value, f"duplicate {position} differs: {seen[position]!r} vs {value!r}"
+        seen[position] = value
+    return seen
+
+
+def slot_state(dsn: str, slot: str) -> Tuple[Optional[int], Optional[int]]:
+    """(confirmed_flush_lsn, active_pid) of a slot."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        return None, None
+    return (parse_lsn(row[0]) if row[0] else None), row[1]
+
+
+def current_wal_lsn(dsn: str) -> int:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_current_wal_lsn()::text")
+            return parse_lsn(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def execute(dsn: str, *statements: str, params: Any = None) -> None:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement, params)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def running(producer: Producer) -> Iterator[Producer]:
+    """Run ``producer`` in a thread for the block; stop it after and re-raise its error."""
+    errors: List[BaseException] = []
+
+    def target() -> None:
+        try:
+            producer.start()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+
+    producer.handle_signals = False
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield producer
+    finally:
+        producer.stop()
+        thread.join(60)
+        assert not thread.is_alive(), "producer did not stop within 60 s"
+    if errors:
+        raise errors[0]
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_streaming(dsn: str, slot: str, timeout: float = 30.0) -> None:
+    """Wait until a walsender streams from ``slot`` (changes made after this are in the stream)."""
+    wait_for(lambda: slot_state(dsn, slot)[1] is not None, timeout=timeout, what=f"a walsender on slot {slot}")
