@@ -1,0 +1,1 @@
+"""Benchmarks: pytest-benchmark, run with ``make bench`` (never part of the test suite)."""
