@@ -187,6 +187,23 @@ cdef inline Py_ssize_t utf8_seq_len(const uint8_t* s, Py_ssize_t i, Py_ssize_t n
     return length
 
 
+cdef inline uint64_t load64(const uint8_t* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+cdef inline bint needs_care(uint64_t w) noexcept nogil:
+    # True when any byte of w is >= 0x80, < 0x20, '"' or '\\' (SWAR: works for any byte order)
+    cdef uint64_t ones = 0x0101010101010101ULL
+    cdef uint64_t highs = 0x8080808080808080ULL
+    cdef uint64_t quote = w ^ (ones * 0x22)
+    cdef uint64_t backslash = w ^ (ones * 0x5C)
+    return ((w | ((w - ones * 0x20) & ~w)
+             | ((quote - ones) & ~quote)
+             | ((backslash - ones) & ~backslash)) & highs) != 0
+
+
 cdef Py_ssize_t put_json_string(Buf* b, const uint8_t* s, Py_ssize_t n) except -2:
     """Append ``"<escaped s>"``; returns -1 (writing nothing useful) when s is not valid UTF-8."""
     buf_reserve(b, n * 6 + 2)
@@ -201,6 +218,9 @@ cdef Py_ssize_t put_json_string(Buf* b, const uint8_t* s, Py_ssize_t n) except -
     o += 1
     while i < n:
         run = i
+        # 8 bytes at a time while none needs escaping or UTF-8 validation
+        while i + 8 <= n and not needs_care(load64(s + i)):
+            i += 8
         while i < n and BYTE_CLASS[s[i]] == 0:
             i += 1
         if i > run:
