@@ -30,3 +30,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info pgrepl/*.so pgrepl/_decode.c .pytest_cache .benchmarks
+
+.PHONY: demo
+# The README's first command: sandbox PostgreSQL + broker, a producer, changes, ops read back.
+demo: $(STAMP)
+	$(PY) -m pgrepl.demo

@@ -28,6 +28,17 @@ from pgrepl.lsn import DeliveryTracker, format_lsn
 from pgrepl.topics import TopicInfo, TopicMapInput, normalize_topic_map
 
 log = logging.getLogger(__name__)
+kafka_log = logging.getLogger("pgrepl.kafka")  # librdkafka's own log lines
+
+
+class _DropExpectedConfigWarning(logging.Filter):
+    """librdkafka warns at every start that enable.gapless.guarantee is experimental: we know."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+
+
+kafka_log.addFilter(_DropExpectedConfigWarning())
 
 #: librdkafka settings the guarantees rest on; ``kafka_config`` may add to them (SASL, TLS,
 #: linger...) but cannot turn these off.
@@ -132,6 +143,7 @@ class Producer:
         settings.update(REQUIRED_KAFKA_CONFIG)
         settings["bootstrap.servers"] = self.brokers
         settings["error_cb"] = self._on_kafka_error
+        settings.setdefault("logger", kafka_log)
         return settings
 
     # -- control -------------------------------------------------------------------------
