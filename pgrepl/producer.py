@@ -100,6 +100,7 @@ class Producer:
         stop_timeout: float = 30.0,
         max_backoff: float = 30.0,
         batch_messages: int = 4096,
+        gather_seconds: float = 0.0005,
         handle_signals: bool = True,
     ) -> None:
         if not isinstance(pg_dsn, str) or not pg_dsn:
@@ -122,6 +123,7 @@ class Producer:
         self.stop_timeout = stop_timeout
         self.max_backoff = max_backoff
         self.batch_messages = batch_messages
+        self.gather_seconds = gather_seconds
         self.handle_signals = handle_signals
         self.kafka_config = self._kafka_settings(kafka_config or {})
         self.stats = ProducerStats()
@@ -348,8 +350,11 @@ class Producer:
                 idle = None if decoder.in_transaction else stream.last_wal_end
                 confirmed = tracker.confirmable(idle)
                 now = time.monotonic()
-                if stream.reply_requested or (confirmed != sent_flush and now - last_feedback >= self.feedback_interval) \
-                        or now - last_feedback >= 10.0:
+                # report progress at most every feedback_interval while busy, at once when caught
+                # up (a quiet stream confirms promptly), and at least every 10 s
+                changed = confirmed != sent_flush
+                if stream.reply_requested or now - last_feedback >= 10.0 or (changed and (
+                        stream.would_block and not tracker.in_flight or now - last_feedback >= self.feedback_interval)):
                     stream.send_feedback(confirmed, confirmed)
                     sent_flush = confirmed
                     last_feedback = now
@@ -368,6 +373,10 @@ class Producer:
                     readable, _, _ = select.select([sock, wake], [], [], timeout)
                     if wake in readable:
                         self._drain_wakeups()
+                    elif readable and len(batch) < self.batch_messages // 8:
+                        # a trickle: let a few hundred microseconds of messages gather so that
+                        # one wake-up (and one batch) carries many, instead of two or three
+                        time.sleep(self.gather_seconds)
         finally:
             stats.messages = stream.messages
             stats.bytes_received = stream.bytes_received

@@ -284,3 +284,23 @@ def test_unreachable_broker_is_retried_with_a_clear_message(pg_dsn: str, name_pr
         with running(producer):
             wait_for(lambda: "cannot reach Kafka at 127.0.0.1:1" in caplog.text, timeout=40, what="the warning")
     drop_replication_slot(f"{p}slot")
+
+
+def test_wal_level_replica_is_a_config_error(local_pg, kafka_bootstrap: str) -> None:
+    if local_pg is None:
+        pytest.skip("needs the local sandbox (starts a second server with wal_level=replica)")
+    from pgrepl.sandbox import LocalPostgres
+
+    with LocalPostgres(settings={"wal_level": "replica"}) as replica:
+        producer = Producer(replica.dsn, kafka_bootstrap, "slot_x", "pub", {"t": {"name": "t"}}, handle_signals=False)
+        with pytest.raises(ConfigError, match="wal_level is 'replica'; set wal_level = logical"):
+            producer.start()
+
+
+def test_bad_password_is_a_config_error_without_the_password(pg_dsn: str, kafka_bootstrap: str) -> None:
+    dsn = "postgresql://nosuchuser:s3cr3t-pw@" + pg_dsn.split("@", 1)[1] if "@" in pg_dsn else pg_dsn
+    producer = Producer(dsn, kafka_bootstrap, "slot_x", "pub", {"t": {"name": "t"}}, handle_signals=False)
+    with pytest.raises(ConfigError) as info:
+        producer.start()
+    assert "cannot connect to PostgreSQL" in str(info.value)
+    assert "s3cr3t-pw" not in str(info.value)
