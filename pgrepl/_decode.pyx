@@ -17,7 +17,7 @@ from libc.string cimport memchr, memcpy, memset
 
 import logging
 
-from pgrepl.errors import ConfigError, DecodeError, ReplicationError
+from pgrepl.errors import ConfigError, DecodeError, PgreplError, ReplicationError
 from pgrepl.topics import TopicInfo, normalize_topic_map
 
 _log = logging.getLogger("pgrepl.decode")

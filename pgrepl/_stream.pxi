@@ -101,7 +101,8 @@ cdef class ReplicationStream:
     def read(self, Decoder decoder, Py_ssize_t max_messages=4096):
         """Decode the messages that are available without blocking, at most ``max_messages``.
 
-        Returns a ``Batch`` (with ``begin_starts``: the WAL position of each Begin). After the
+        Returns a ``Batch`` (with ``begin_starts``: the WAL position of each Begin). A
+        ``PgreplError`` raised while decoding carries ``partial_batch``: what came before. After the
         call, ``would_block`` says the socket is drained, ``reply_requested`` that the server
         asked for a status update, and ``ended`` that the server closed the stream.
         """
@@ -165,6 +166,11 @@ cdef class ReplicationStream:
                 if self.reply_requested:
                     break
             decoder._collect_markers(batch)
+        except PgreplError as exc:
+            # what decoded before the bad message is still good: the caller may produce its
+            # complete transactions before stopping
+            exc.partial_batch = batch
+            raise
         finally:
             decoder._clear_slots()
         return batch

@@ -338,7 +338,11 @@ class Producer:
         sock = stream.fileno()
         try:
             while not self._stopping:
-                batch = stream.read(decoder, self.batch_messages)
+                try:
+                    batch = stream.read(decoder, self.batch_messages)
+                except PgreplError as exc:
+                    self._produce_complete_transactions(kafka, stream, tracker, getattr(exc, "partial_batch", None))
+                    raise
                 if len(batch):
                     self._produce(kafka, stream, tracker, batch)
                 elif batch.commits:
@@ -404,6 +408,20 @@ class Producer:
                 except BufferError:
                     self._wait_for_queue(kafka, stream, tracker)
         self.stats.records += len(values)
+
+    def _produce_complete_transactions(self, kafka: KafkaProducer, stream: ReplicationStream,
+                                       tracker: DeliveryTracker, batch: Optional[Batch]) -> None:
+        """Before stopping on a bad message: produce the transactions that completed before it."""
+        if batch is None or not batch.commits:
+            return
+        cut = batch.commits[-1].record_end
+        if cut == 0:
+            tracker.track(0, batch.commits[-1].end_lsn)
+            return
+        for name in ("topics", "values", "keys", "partitions"):
+            setattr(batch, name, getattr(batch, name)[:cut])
+        batch.markers = list(range(cut))  # per-partition markers were computed for the whole batch
+        self._produce(kafka, stream, tracker, batch)
 
     def _wait_for_queue(self, kafka: KafkaProducer, stream: ReplicationStream, tracker: DeliveryTracker) -> None:
         """Backpressure: the producer queue is full (slow or unreachable broker)."""

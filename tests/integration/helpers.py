@@ -86,10 +86,11 @@ def slot_state(dsn: str, slot: str) -> Tuple[Optional[int], Optional[int]]:
 
 
 def current_wal_lsn(dsn: str) -> int:
+    """The WAL insert position: everything committed so far ends at or before it."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_current_wal_lsn()::text")
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
             return parse_lsn(cur.fetchone()[0])
     finally:
         conn.close()

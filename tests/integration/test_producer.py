@@ -304,3 +304,55 @@ def test_bad_password_is_a_config_error_without_the_password(pg_dsn: str, kafka_
         producer.start()
     assert "cannot connect to PostgreSQL" in str(info.value)
     assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_truncate_stops_before_the_slot_passes_it_and_skip_goes_on(
+        pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot) -> None:
+    from pgrepl import ReplicationError
+
+    p = name_prefix
+    execute(pg_dsn, f"CREATE TABLE {p}t (id int PRIMARY KEY)", f"ALTER TABLE {p}t REPLICA IDENTITY FULL",
+            f"CREATE PUBLICATION {p}pub FOR TABLE {p}t")
+    topic_map = {f"{p}t": {"name": f"{p}t"}}
+    execute(pg_dsn, f"SELECT pg_create_logical_replication_slot('{p}slot', 'pgoutput')")
+    execute(pg_dsn, f"INSERT INTO {p}t VALUES (1), (2)")
+    before_truncate = current_wal_lsn(pg_dsn)
+    execute(pg_dsn, f"TRUNCATE {p}t", f"INSERT INTO {p}t VALUES (3)")
+    producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", topic_map, handle_signals=False)
+    with pytest.raises(ReplicationError, match=f"TRUNCATE of public.{p}t"):
+        producer.start()
+    confirmed, _ = slot_state(pg_dsn, f"{p}slot")
+    assert confirmed is not None and confirmed <= before_truncate
+    assert producer.stats.records == 2  # the inserts before the truncate were produced (and confirmed)
+    # the same stream with truncate='skip' passes over it
+    skipping = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", topic_map, truncate="skip")
+    with running(skipping):
+        wait_for(lambda: skipping.stats.records == 1, what="the insert after the truncate")
+    values = sorted(orjson.loads(v)["op"]["Insert"][0] for _, _, _, v in read_topic(kafka_bootstrap, f"{p}t"))
+    assert values == ["1", "2", "3"]
+    drop_replication_slot(f"{p}slot")
+
+
+def test_asyncio_entry_point_and_cancellation(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
+                                              drop_replication_slot) -> None:
+    import asyncio
+
+    p = name_prefix
+    execute(pg_dsn, f"CREATE TABLE {p}t (id int PRIMARY KEY)", f"ALTER TABLE {p}t REPLICA IDENTITY FULL",
+            f"CREATE PUBLICATION {p}pub FOR TABLE {p}t")
+    producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", {f"{p}t": {"name": f"{p}t"}})
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(producer.run())
+        while producer.stats.sessions == 0:
+            await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, execute, pg_dsn, f"INSERT INTO {p}t VALUES (1)")
+        while producer.stats.records < 1:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert producer.stopping and producer.stats.records == 1
+    drop_replication_slot(f"{p}slot")
