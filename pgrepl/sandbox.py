@@ -52,8 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 from pgrepl.errors import ConfigError, PgreplError
 
@@ -90,7 +89,8 @@ _PR_SET_PDEATHSIG = 1
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
-_live: "weakref.WeakSet[_Service]" = weakref.WeakSet()
+# Services with a directory (usually a running server): kept referenced so atexit can stop them.
+_live: "Set[_Service]" = set()
 
 
 class SandboxError(PgreplError):
@@ -245,6 +245,27 @@ def _same_process(pid: Optional[int], start_time: Optional[int], exe: Optional[s
             return False
         return os.path.basename(argv0) == os.path.basename(exe)
     return True
+
+
+def _children_titles(parent: int) -> List[Tuple[int, str]]:
+    """(pid, command line) of the live children of ``parent`` (Linux /proc; empty elsewhere)."""
+    found: List[Tuple[int, str]] = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    data = fh.read()
+                fields = data[data.rfind(b")") + 2 :].split()
+                if len(fields) < 2 or int(fields[1]) != parent or fields[0] in (b"Z", b"X"):
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    title = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except (OSError, ValueError):
+                continue
+            found.append((int(entry), title))
+    return found
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -406,7 +427,8 @@ def _load_prctl() -> Optional[Callable[..., int]]:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl  # type: ignore[no-any-return]
+        prctl: Callable[..., int] = libc.prctl
+        return prctl
     except (OSError, AttributeError):
         return None
 
@@ -453,6 +475,10 @@ def _owner_identity() -> Tuple[int, Optional[int]]:
     """This process's PID and kernel start time, recorded so a reused owner PID is not mistaken."""
     pid = os.getpid()
     return pid, _proc_start_time(pid)
+
+
+#: One step of stopping a server: a signal to send it, or a function called with its PID.
+_StopStep = Union[int, Callable[[int], None]]
 
 
 class _Service:
@@ -535,20 +561,28 @@ class _Service:
         """Whether the server process has exited (reaping it if so)."""
         return self._proc is None or self._proc.poll() is not None
 
-    def _terminate(self, signals: List[Tuple[int, float]]) -> None:
-        """Stop the server: send each signal in turn, waiting up to its timeout; SIGKILL last."""
+    def _terminate(self, steps: List[Tuple[_StopStep, float]]) -> None:
+        """Stop the server: take each step (a signal, or a function of the PID) in turn, waiting up
+        to its timeout for the process to exit; SIGKILL last."""
         proc = self._proc
         if proc is None:
             return
         if proc.poll() is None:
             _signal(proc.pid, signal.SIGCONT)  # a paused process acts on nothing but SIGKILL
-            for sig, timeout in signals + [(signal.SIGKILL, 10.0)]:
-                _signal(proc.pid, sig)
+            for step, timeout in steps + [(int(signal.SIGKILL), 10.0)]:
+                if callable(step):
+                    step(proc.pid)
+                else:
+                    _signal(proc.pid, step)
                 try:
                     proc.wait(timeout)
                     break
                 except subprocess.TimeoutExpired:
-                    logger.warning("%s pid %d ignored %s for %.0f s", self.kind, proc.pid, signal.Signals(sig).name, timeout)
+                    if not callable(step):
+                        level = logging.DEBUG if step == signal.SIGINT else logging.WARNING  # SIGINT: see stop()
+                        logger.log(
+                            level, "%s pid %d still running %.0f s after %s", self.kind, proc.pid, timeout, signal.Signals(step).name
+                        )
         if proc.poll() is None:
             raise SandboxError(f"{self.kind} pid {proc.pid} did not exit even after SIGKILL")
         self._proc = None
@@ -703,11 +737,23 @@ class LocalPostgres(_Service):
         return self
 
     def stop(self, *, keep_data: bool = False) -> None:
-        """Fast-shutdown the server; delete the cluster unless ``keep_data`` (then ``start()`` resumes it)."""
+        """Fast-shutdown the server; delete the cluster unless ``keep_data`` (then ``start()`` resumes it).
+
+        A fast shutdown (SIGINT: sessions rolled back, shutdown checkpoint written) waits for each
+        walsender to send all WAL to its client, which takes until ``wal_sender_timeout`` when a
+        replication client has stopped reading. Walsenders still there after 2 s are therefore
+        terminated, as that timeout would do, once the checkpoint is safely written; an
+        immediate shutdown (SIGQUIT) and SIGKILL are the last resorts.
+        """
         if not self._exited():
             pid = self.pid
-            # SIGINT is the fast shutdown (roll back sessions, checkpoint); SIGQUIT immediate.
-            self._terminate([(signal.SIGINT, 30.0), (signal.SIGQUIT, 10.0)])
+            self._terminate(
+                [
+                    (int(signal.SIGINT), 2.0),
+                    (self._terminate_walsenders, 20.0),
+                    (int(signal.SIGQUIT), 10.0),
+                ]
+            )
             logger.info("PostgreSQL stopped: pid %s, 127.0.0.1:%s", pid, self._port)
         if not keep_data:
             self._discard()
@@ -845,7 +891,8 @@ class LocalPostgres(_Service):
     def _start_server(self, *, may_change_port: bool) -> None:
         """Spawn the postmaster and wait for readiness; on 'address in use' retry (new port if allowed)."""
         port = self._port or self._requested_port or _free_port()
-        attempts = _MAX_PORT_ATTEMPTS
+        # A fixed port (caller's choice, or a restart) is retried briefly in case it frees up.
+        attempts = _MAX_PORT_ATTEMPTS if may_change_port else 3
         for attempt in range(1, attempts + 1):
             self._port = port
             self._write_settings(port)
@@ -858,31 +905,54 @@ class LocalPostgres(_Service):
                 self._wait_ready()
                 return
             except _AddressInUse:
-                self._terminate([(signal.SIGQUIT, 10.0)])
+                self._terminate([(int(signal.SIGQUIT), 10.0)])
                 if attempt == attempts:
                     raise self._fail(f"PostgreSQL could not listen on 127.0.0.1:{port}: address in use") from None
                 if may_change_port:
                     logger.info("port %d was taken; retrying PostgreSQL on another port", port)
                     port = _free_port()
                 else:
-                    time.sleep(0.5 * attempt)  # same port required (restart): give it a moment
+                    time.sleep(0.5)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    self._terminate([(signal.SIGQUIT, 10.0)])
+                    self._terminate([(int(signal.SIGQUIT), 10.0)])
                 raise
 
+    def _pidfile_ready(self) -> bool:
+        """Whether ``postmaster.pid`` names our postmaster and says "ready" (as ``pg_ctl -w`` checks).
+
+        The postmaster only gets there after binding its port, so no connection attempt is made
+        (and hangs) against whatever else may be listening there while ours is failing.
+        """
+        try:
+            with open(os.path.join(self.data_dir, "postmaster.pid"), encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().splitlines()
+        except OSError:
+            return False
+        return (
+            len(lines) >= 8
+            and self._proc is not None
+            and lines[0].strip() == str(self._proc.pid)
+            and lines[7].strip() == "ready"
+        )
+
     def _wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
-        """Block until a real connection to this server (checked by data directory) succeeds."""
+        """Block until the postmaster reports ready and a real connection (checked by data directory) succeeds."""
         import psycopg2
 
         deadline = time.monotonic() + timeout
-        last_error = "no attempt"
+        last_error = "server not ready"
         while True:
             if self._exited():
                 if self._log_mentions("Address already in use", "could not create any TCP/IP sockets"):
                     raise _AddressInUse()
                 code = self._proc.returncode if self._proc is not None else None
                 raise self._fail(f"PostgreSQL exited during startup (exit {code})")
+            if not self._pidfile_ready():
+                if time.monotonic() >= deadline:
+                    raise self._fail(f"PostgreSQL on 127.0.0.1:{self._port} not ready after {timeout:.0f} s")
+                time.sleep(0.02)
+                continue
             try:
                 conn = psycopg2.connect(
                     host="127.0.0.1", port=self._port, user="postgres", dbname="postgres", connect_timeout=2
@@ -908,11 +978,22 @@ class LocalPostgres(_Service):
                 )
             time.sleep(0.05)
 
+    def _terminate_walsenders(self, postmaster: int) -> None:
+        """SIGTERM the postmaster's walsender processes (found by their process title)."""
+        pids = [pid for pid, title in _children_titles(postmaster) if title.startswith("postgres: walsender")]
+        if pids:
+            logger.info(
+                "PostgreSQL shutdown waits on %d walsender(s) whose clients are not reading; terminating pid(s) %s",
+                len(pids), ", ".join(map(str, pids)),
+            )
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+
     def _discard(self) -> None:
         """Make sure the server is down, then delete the sandbox directory."""
         if not self._exited():
             with contextlib.suppress(Exception):
-                self._terminate([(signal.SIGQUIT, 10.0)])
+                self._terminate([(int(signal.SIGQUIT), 10.0)])
         self._remove_dir()
         self._port = None
 
@@ -1007,7 +1088,7 @@ class LocalBroker(_Service):
         """Stop the broker (all data is lost) and remove its directory."""
         if not self._exited():
             pid = self.pid
-            self._terminate([(signal.SIGTERM, 10.0)])
+            self._terminate([(int(signal.SIGTERM), 10.0)])
             logger.info("tansu broker stopped: pid %s, 127.0.0.1:%s", pid, self._port)
         self._paused = False
         self._port = None
@@ -1089,10 +1170,12 @@ class LocalBroker(_Service):
                     raise _AddressInUse()
                 code = self._proc.returncode if self._proc is not None else None
                 raise self._fail(f"tansu exited during startup (exit {code})")
-            try:
-                metadata = admin.list_topics(timeout=1.0)
+            try:  # short: if another process holds the port it never answers, and ours has exited
+                metadata = admin.list_topics(timeout=0.3)
             except KafkaException as exc:
                 last_error = str(exc)
+                if self._log_mentions("AddrInUse", "Address in use", "Address already in use"):
+                    raise _AddressInUse() from None  # tansu may log this before exiting
             else:
                 if metadata.cluster_id == self._cluster_id():
                     return

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -42,9 +43,11 @@ def test_wal_level_is_logical(pg_dsn: str) -> None:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int")
-            wal_level, max_slots = cur.fetchone()
+            row = cur.fetchone()
     finally:
         conn.close()
+    assert row is not None
+    wal_level, max_slots = row
     assert wal_level == "logical"
     assert max_slots > 0
 
@@ -69,31 +72,31 @@ def test_pgoutput_slot_receives_inserts(
             slot_name=slot, decode=False, options={"proto_version": "1", "publication_names": pub}
         )
 
-        types: List[bytes] = []
-        inserts: List[bytes] = []
+        payloads: List[bytes] = []
+        ours: Optional[int] = None  # index of the 'I' message carrying our value
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             msg = rcur.read_message()
             if msg is None:
                 select.select([rcur], [], [], 0.5)
                 continue
-            payload: bytes = msg.payload
-            types.append(payload[:1])
-            if payload[:1] == b"I":
-                inserts.append(payload)
+            payloads.append(msg.payload)
             msg.cursor.send_feedback(flush_lsn=msg.data_start)
-            if payload[:1] == b"C" and any(value.encode() in p for p in inserts):
+            if msg.payload[:1] == b"I" and value.encode() in msg.payload:
+                ours = len(payloads) - 1
+            if ours is not None and msg.payload[:1] == b"C":
                 break
         else:
-            pytest.fail(f"no commit of the inserted row within 20 s; saw message types {types}")
+            pytest.fail(f"no commit of the inserted row within 20 s; saw message types {[p[:1] for p in payloads]}")
     finally:
         repl.close()
         conn.close()
         drop_replication_slot(slot)
 
-    assert {b"B", b"R", b"I", b"C"} <= set(types), types
-    assert types.index(b"B") < types.index(b"R") < types.index(b"I") < types.index(b"C")
-    assert any(value.encode() in p for p in inserts)
+    types = [p[:1] for p in payloads]
+    # Our transaction: Begin, the table's Relation, our Insert (payload has the text), Commit.
+    assert b"B" in types[:ours] and b"R" in types[:ours], types
+    assert types[-1] == b"C" and {b"B", b"R", b"I", b"C"} <= set(types), types
 
 
 def test_local_postgres_restart(local_pg: Optional[LocalPostgres], name_prefix: str) -> None:
@@ -124,25 +127,49 @@ def test_local_postgres_restart(local_pg: Optional[LocalPostgres], name_prefix: 
         conn.close()
 
 
+def test_restart_does_not_hang_on_a_stalled_replication_client(
+    local_pg: Optional[LocalPostgres], name_prefix: str, drop_replication_slot: Callable[[str], bool]
+) -> None:
+    """A fast shutdown waits for walsenders whose clients stopped reading; restart() must not."""
+    if local_pg is None:
+        pytest.skip("PostgreSQL is external (PGREPL_TEST_PG_DSN): cannot restart it")
+    table, pub, slot = name_prefix + "tbl", name_prefix + "pub", name_prefix + "slot"
+    conn = psycopg2.connect(local_pg.dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(sql.Identifier(table)))
+        cur.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(pub), sql.Identifier(table)))
+    conn.close()
+    repl = psycopg2.connect(local_pg.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    try:
+        rcur = repl.cursor()
+        rcur.create_replication_slot(slot, output_plugin="pgoutput")
+        conn = psycopg2.connect(local_pg.dsn)
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("INSERT INTO {} SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g").format(
+                    sql.Identifier(table)
+                )
+            )
+        conn.close()
+        rcur.start_replication(slot_name=slot, decode=False, options={"proto_version": "1", "publication_names": pub})
+        # The client never reads: the walsender blocks on a full socket, as behind a stalled broker.
+        started = time.monotonic()
+        local_pg.restart()
+        assert time.monotonic() - started < 15
+    finally:
+        repl.close()
+    assert drop_replication_slot(slot), "the slot should survive the restart"
+
+
 # ------------------------------------------------------------------------------------------
 # Orphans
 # ------------------------------------------------------------------------------------------
 
 
 def _children(pid: int) -> Set[int]:
-    """PIDs whose parent is ``pid`` (the postmaster's backends and auxiliary processes)."""
-    found: Set[int] = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    data = fh.read()
-            except OSError:
-                continue
-            fields = data[data.rfind(b")") + 2 :].split()
-            if len(fields) > 1 and int(fields[1]) == pid:
-                found.add(int(entry))
-    return found
+    """PIDs of the live children of ``pid`` (the postmaster's backends and auxiliary processes)."""
+    return {child for child, _ in sandbox._children_titles(pid)}
 
 
 def _gone(pids: Set[int], timeout: float) -> bool:
@@ -320,3 +347,34 @@ def test_broker_pause_and_resume(local_broker: Optional[LocalBroker], name_prefi
     assert reports[1][2] == partition  # same key, same partition
     stored = [m.value() for m in _read_partition_to_eof(local_broker.bootstrap, topic, partition)]
     assert stored == [b"before", b"during"]
+
+
+# ------------------------------------------------------------------------------------------
+# Ports
+# ------------------------------------------------------------------------------------------
+
+
+def test_taken_port_is_retried_or_reported(
+    local_pg: Optional[LocalPostgres], local_broker: Optional[LocalBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port grabbed between the free-port probe and the server's bind makes start() move on;
+    a taken port the caller insisted on is a clear error."""
+    if local_pg is None or local_broker is None:
+        pytest.skip("needs the local PostgreSQL and broker binaries")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        picks = iter([taken])
+        real_free_port = sandbox._free_port
+        monkeypatch.setattr(sandbox, "_free_port", lambda: next(picks, None) or real_free_port())
+        with LocalPostgres() as pg:
+            assert pg.port != taken
+        picks = iter([taken])
+        with LocalBroker() as broker:
+            assert broker.port != taken
+
+        with pytest.raises(sandbox.SandboxError, match="address in use"):
+            LocalBroker(port=taken).start()
+        with pytest.raises(sandbox.SandboxError, match="address in use"):
+            LocalPostgres(port=taken).start()
