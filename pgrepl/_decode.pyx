@@ -259,25 +259,11 @@ cdef Py_ssize_t put_json_string(Buf* b, const uint8_t* s, Py_ssize_t n) except -
     return o
 
 
-cdef bytes json_string(str text):
-    """serde_json-style JSON string literal for a Python str (used for names, off the hot path)."""
-    cdef bytes raw = text.encode("utf-8", "surrogatepass")
-    cdef Buf b
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
-    try:
-        if put_json_string(&b, <const uint8_t*>PyBytes_AS_STRING(raw), len(raw)) < 0:
-            raise ValueError(f"name is not valid UTF-8: {text!r}")
-        return PyBytes_FromStringAndSize(b.data, b.len)
-    finally:
-        PyMem_Free(b.data)
-
-
 def escape_json_string(text):
     """Return ``text`` (str, or UTF-8 bytes) as a JSON string literal exactly as serde_json writes it.
 
-    Exposed for tests and tools; the decoder uses the same C routine on every value.
+    Used for table and column names (once per Relation message) and exposed for tests and
+    tools; values go through the same C routine in place. ``ValueError`` on invalid UTF-8.
     """
     cdef bytes raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     cdef Buf b
@@ -286,7 +272,7 @@ def escape_json_string(text):
     b.cap = 0
     try:
         if put_json_string(&b, <const uint8_t*>PyBytes_AS_STRING(raw), len(raw)) < 0:
-            raise ValueError("invalid UTF-8")
+            raise ValueError(f"not valid UTF-8: {text!r}")
         return PyBytes_FromStringAndSize(b.data, b.len)
     finally:
         PyMem_Free(b.data)
@@ -840,8 +826,8 @@ cdef class Decoder:
                     break
                 rel.key_idx[rel.nkey] = rel.columns.index(col)
                 rel.nkey += 1
-        rel.prefix = (b'{"table_name":' + json_string(name) + b',"col_names":['
-                      + b",".join([json_string(c) for c in names]) + b'],"lsn":')
+        rel.prefix = (b'{"table_name":' + escape_json_string(name) + b',"col_names":['
+                      + b",".join([escape_json_string(c) for c in names]) + b'],"lsn":')
         if ncols > self._col_cap:
             self._grow_cols(ncols)
         self._relations[relid] = rel
