@@ -148,6 +148,14 @@ class Producer:
         settings.setdefault("logger", kafka_log)
         return settings
 
+    def __del__(self) -> None:
+        for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     # -- control -------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -434,7 +442,7 @@ class Producer:
                 raise DeliveryError(tracker.failure)
             if self._fatal is not None or self._stopping:
                 raise _StopNow()
-            if len(kafka) < self.kafka_config["queue.buffering.max.messages"] * 0.9:
+            if len(kafka) < int(self.kafka_config["queue.buffering.max.messages"]) * 0.9:
                 return
             now = time.monotonic()
             if now - last_feedback >= 5.0:
