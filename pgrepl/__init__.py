@@ -10,6 +10,7 @@ from pgrepl.errors import (
     ReplicationError,
 )
 from pgrepl.ops import Op, ReplicationOp
+from pgrepl.consumer import Consumer, ConsumerError, ConsumerStats, HandlerError
 from pgrepl.topics import TopicInfo
 
 __all__ = [
@@ -27,4 +28,8 @@ __all__ = [
     "ReplicationError",
     "ReplicationOp",
     "TopicInfo",
+    "Consumer",
+    "ConsumerError",
+    "ConsumerStats",
+    "HandlerError",
 ]

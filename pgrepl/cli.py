@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -19,7 +20,50 @@ def _parser() -> argparse.ArgumentParser:
     produce = commands.add_parser("produce", help="stream a slot's changes into Kafka until stopped (SIGTERM/Ctrl-C)")
     produce.add_argument("--config", required=True, help="TOML or JSON file: dsn, brokers, slot, publication, topic_map, kafka")
     produce.add_argument("--status-interval", type=float, default=None, help="seconds between status lines (default 10)")
+    consume = commands.add_parser("consume", help="print the ops of Kafka topics as JSON lines (inspection, piping)")
+    consume.add_argument("--topics", required=True, help="comma-separated topic names")
+    consume.add_argument("--group", required=True, help="consumer group id")
+    consume.add_argument("--brokers", default="localhost:9092", help="bootstrap servers (default localhost:9092)")
+    consume.add_argument("--kafka", action="append", default=[], metavar="KEY=VALUE",
+                         help="extra librdkafka setting, repeatable (e.g. security.protocol=SSL)")
+    consume.add_argument("--until-eof", action="store_true", help="exit once every assigned partition is read to its end")
+    consume.add_argument("--no-commit", action="store_true", help="never commit offsets: the group does not move")
+    consume.add_argument("--meta", action="store_true",
+                         help='print {"topic","partition","offset","op"} objects instead of bare ops')
     return parser
+
+
+def _consume(args: argparse.Namespace) -> int:
+    """``pgrepl consume``: ops as JSON lines on stdout; a record that is not an op stops it (exit 1)."""
+    import orjson
+
+    from pgrepl.consumer import Consumer, _StopRequest
+
+    kafka_config = {}
+    for item in args.kafka:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--kafka expects KEY=VALUE, got {item!r}")
+        kafka_config[key.strip()] = value
+    consumer = Consumer(args.group, args.topics, args.brokers, kafka_config, on_error="stop", max_attempts=1,
+                        commit_offsets=not args.no_commit, stop_at_eof=args.until_eof)
+    out = sys.stdout.buffer
+
+    def write(records: list) -> None:
+        if args.meta:
+            data = b"".join(b'{"topic":%s,"partition":%d,"offset":%d,"op":%s}\n' % (
+                orjson.dumps(msg.topic()), msg.partition(), msg.offset(), msg.value()) for msg, _ in records)
+        else:
+            data = b"".join(msg.value() + b"\n" for msg, _ in records)
+        try:
+            out.write(data)
+            out.flush()
+        except BrokenPipeError:  # the reader went away (| head): stop, without committing this batch
+            sys.stdout = open(os.devnull, "w")
+            raise _StopRequest() from None
+
+    consumer._start_basic_records(write)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.status_interval is not None:
                 kwargs["status_interval"] = args.status_interval
             Producer(**kwargs).start()
+        elif args.command == "consume":
+            return _consume(args)
     except ConfigError as exc:
         print(f"pgrepl: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,328 @@
+"""Figures and output of ``pgrepl-bench``: medians with min/max, the table, JSON, the plot.
+
+Every figure is the median of the ``--repeat`` runs, shown with the smallest and largest run.
+"% of ceiling" is computed per repeat against the ``pg_recvlogical`` run of the same repeat
+(same changes, same minute), then summarized the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+
+log = logging.getLogger(__name__)
+
+#: Display names of the readers, in table order.
+READER_LABELS: Dict[str, str] = {
+    "recvlogical": "pg_recvlogical (ceiling)",
+    "pgrepl": "pgrepl producer",
+    "baseline": "pure-Python baseline",
+}
+
+
+@dataclass(frozen=True)
+class Figure:
+    """Median of the repeats, with the smallest and largest."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Optional["Figure"]:
+        """The figure of ``values`` (None when there are none)."""
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
+
+
+def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
+    """Nearest-rank percentile (``fraction`` in 0..1) of ``values``."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, int(-(-fraction * len(ordered) // 1)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize_case(runs: List[Dict[str, Any]], readers: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per reader: figures of rows/s, % of ceiling, CPU µs/row and peak RSS MB over the repeats."""
+    ceiling_by_repeat = {r["repeat"]: r["rows_per_s"] for r in runs if r["reader"] == "recvlogical" and r.get("ok")}
+    for run in runs:
+        ceiling = ceiling_by_repeat.get(run["repeat"])
+        run["pct_of_ceiling"] = (100.0 * run["rows_per_s"] / ceiling) if (ceiling and run.get("ok")) else None
+    summary: Dict[str, Dict[str, Any]] = {}
+    for reader in readers:
+        ok = [r for r in runs if r["reader"] == reader and r.get("ok")]
+        failed = [r for r in runs if r["reader"] == reader and not r.get("ok")]
+        entry: Dict[str, Any] = {"runs": len(ok), "failed": len(failed)}
+        for metric in ("rows_per_s", "pct_of_ceiling", "cpu_us_per_row", "peak_rss_mb", "wall_s"):
+            figure = Figure.of([r[metric] for r in ok if r.get(metric) is not None])
+            entry[metric] = figure.as_dict() if figure else None
+        if failed:
+            entry["errors"] = sorted({str(r.get("error")) for r in failed})
+        summary[reader] = entry
+    return summary
+
+
+def machine_description(pg_version: Optional[str]) -> Dict[str, Any]:
+    """CPU model, cores, memory, OS, Python and library versions: what the figures depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory_gb: Optional[float] = None
+    try:
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    info: Dict[str, Any] = {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": memory_gb,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "postgresql": pg_version,
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every figure: say so
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        import confluent_kafka
+
+        info["librdkafka"] = confluent_kafka.libversion()[0]
+        info["confluent_kafka"] = getattr(confluent_kafka, "__version__", None) or confluent_kafka.version()[0]
+    except ImportError:
+        pass
+    try:
+        import psycopg2
+
+        info["psycopg2"] = str(getattr(psycopg2, "__version__", "?")).split()[0]
+    except ImportError:
+        pass
+    from pgrepl._version import __version__
+
+    info["pgrepl"] = __version__
+    return info
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+
+def _fmt(figure: Optional[Dict[str, float]], spec: str, unit: str = "") -> str:
+    if not figure:
+        return "-"
+    med = format(figure["median"], spec)
+    if figure["n"] <= 1:
+        return f"{med}{unit}"
+    return f"{med}{unit} ({format(figure['min'], spec)}–{format(figure['max'], spec)})"
+
+
+def throughput_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the main table."""
+    header = ["workload", "tx", "rows", "reader", "rows/s", "% of ceiling", "CPU µs/row", "peak RSS MB"]
+    rows: List[List[str]] = []
+    for case in report.get("cases", []):
+        first = True
+        for reader, entry in case["summary"].items():
+            label = READER_LABELS.get(reader, reader)
+            if entry.get("failed") and not entry.get("runs"):
+                cells = ["FAILED: " + "; ".join(entry.get("errors", []))[:60], "", "", ""]
+            else:
+                cells = [
+                    _fmt(entry["rows_per_s"], ",.0f"),
+                    "100 %" if reader == "recvlogical" else _fmt(entry["pct_of_ceiling"], ".0f", " %"),
+                    _fmt(entry["cpu_us_per_row"], ".1f"),
+                    _fmt(entry["peak_rss_mb"], ".0f"),
+                ]
+            tx = case["tx_mode"] if case["tx_mode"] == "big" else f"{case['tx_mode']} ({case['tx_size']})"
+            rows.append([case["workload"] if first else "", tx if first else "",
+                         f"{case['changes']:,}" if first else "", label] + cells)
+            first = False
+    return header, rows
+
+
+def latency_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the latency table."""
+    latency = report.get("latency") or {}
+    header = ["reader", "rows", "p50 ms", "p99 ms", "max ms"]
+    rows = []
+    for reader, entry in (latency.get("readers") or {}).items():
+        if entry.get("error"):
+            rows.append([READER_LABELS.get(reader, reader), "FAILED: " + entry["error"][:60], "", "", ""])
+            continue
+        rows.append([READER_LABELS.get(reader, reader), f"{entry['rows']:,}", _fmt(entry["p50_ms"], ".1f"),
+                     _fmt(entry["p99_ms"], ".1f"), _fmt(entry["max_ms"], ".1f")])
+    return header, rows
+
+
+def decoder_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the decoder-only table."""
+    decoder = report.get("decoder") or {}
+    header = ["decoder", "rows/s", "ns/row"]
+    rows = []
+    for label, key in (("Cython pgrepl._decode", "cython"), ("pure-Python baseline", "python")):
+        entry = decoder.get(key)
+        if entry:
+            rows.append([label, _fmt(entry["rows_per_s"], ",.0f"), _fmt(entry["ns_per_row"], ",.0f")])
+    if decoder.get("speedup"):
+        rows.append(["speed-up", _fmt(decoder["speedup"], ".1f", "x"), ""])
+    return header, rows
+
+
+def consumer_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the consumer table."""
+    header = ["workload", "tx", "consumer", "rows/s", "CPU µs/row", "peak RSS MB"]
+    rows = []
+    for entry in report.get("consumer") or []:
+        if entry.get("error"):
+            cells = ["n/a: " + entry["error"][:70], "", ""]
+        else:
+            cells = [_fmt(entry["rows_per_s"], ",.0f"), _fmt(entry["cpu_us_per_row"], ".1f"),
+                     _fmt(entry["peak_rss_mb"], ".0f")]
+        rows.append([entry["workload"], entry["tx_mode"], entry["consumer"]] + cells)
+    return header, rows
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    """A GitHub-flavoured Markdown table (for the README)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell or " " for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _plain_table(title: str, header: List[str], rows: List[List[str]], out: TextIO) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    out.write(f"\n{title}\n")
+    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for row in rows:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+def print_report(report: Dict[str, Any], out: Optional[TextIO] = None, markdown: bool = False) -> None:
+    """Print every table the report has (with rich when it is installed)."""
+    out = out if out is not None else sys.stdout
+    tables = []
+    if report.get("cases"):
+        tables.append(("Throughput: median (min–max) of %d run(s) over the same changes" % report["config"]["repeat"],
+                       *throughput_rows(report)))
+    if report.get("latency"):
+        lat = report["latency"]
+        tables.append((f"Commit-to-delivery latency: {lat['rate']:.0f} rows/s for {lat['seconds']:.0f} s, "
+                       "one row per transaction", *latency_rows(report)))
+    if report.get("decoder"):
+        tables.append((f"Decoder only: {report['decoder']['source']}", *decoder_rows(report)))
+    if report.get("consumer"):
+        tables.append(("Consumers over the topic the producer filled", *consumer_rows(report)))
+    notes = []
+    if any(case["changes"] < 100_000 for case in report.get("cases", [])):
+        notes.append("note: below ~100,000 row changes the wall clock is dominated by each reader's start-up "
+                     "(connections, Kafka producer initialisation); use the figures of larger runs")
+    if markdown:
+        for title, header, rows in tables:
+            out.write(f"\n{title}\n\n{markdown_table(header, rows)}\n")
+        for note in notes:
+            out.write(f"\n{note}\n")
+        return
+    console = _rich_console(out)
+    if console is None:
+        for title, header, rows in tables:
+            _plain_table(title, header, rows, out)
+        for note in notes:
+            out.write(f"\n{note}\n")
+        return
+    from rich.table import Table
+
+    for title, header, rows in tables:
+        table = Table(title=title, title_justify="left")
+        for name in header:
+            table.add_column(name, justify="left" if name in _TEXT_COLUMNS else "right", no_wrap=name != "consumer")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+_TEXT_COLUMNS = ("workload", "tx", "reader", "decoder", "consumer")
+
+
+def _rich_console(out: TextIO) -> Any:
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    console = Console(file=out)
+    return console if console.is_terminal else Console(file=out, width=200)
+
+
+def write_json(report: Dict[str, Any], path: str) -> None:
+    """All figures, every run, the configuration and the machine, as JSON."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def write_plot(report: Dict[str, Any], path: str) -> None:
+    """Bar chart: rows/s per workload and reader (median, min–max whiskers), the ceiling marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'pgrepl[plot]'") from None
+    cases = report.get("cases") or []
+    if not cases:
+        raise RuntimeError("--plot: no throughput figures to draw (decoder-only run?)")
+    readers = [r for r in READER_LABELS if any(r in c["summary"] for c in cases)]
+    colors = {"recvlogical": "#9e9e9e", "pgrepl": "#1f77b4", "baseline": "#ff7f0e"}
+    width = 0.8 / max(1, len(readers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(cases) + 2), 4.5))
+    for index, reader in enumerate(readers):
+        xs, ys, lows, highs = [], [], [], []
+        for position, case in enumerate(cases):
+            figure = (case["summary"].get(reader) or {}).get("rows_per_s")
+            if figure:
+                xs.append(position + (index - (len(readers) - 1) / 2) * width)
+                ys.append(figure["median"])
+                lows.append(figure["median"] - figure["min"])
+                highs.append(figure["max"] - figure["median"])
+        ax.bar(xs, ys, width, yerr=[lows, highs], capsize=3, label=READER_LABELS[reader],
+               color=colors.get(reader), hatch="//" if reader == "recvlogical" else None,
+               edgecolor="black" if reader == "recvlogical" else None)
+        if reader != "recvlogical":
+            drawn = [c for c in cases if (c["summary"].get(reader) or {}).get("rows_per_s")]
+            for x, y, high, case in zip(xs, ys, highs, drawn):
+                pct = (case["summary"][reader].get("pct_of_ceiling") or {}).get("median")
+                if pct is not None:
+                    ax.annotate(f"{pct:.0f}%", (x, y + high), xytext=(0, 3), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{c['workload']}\n{c['tx_mode']} tx\n{c['changes']:,} rows" for c in cases], fontsize=8)
+    ax.set_ylabel("row changes per second")
+    machine = report.get("machine", {})
+    ax.set_title(f"pgrepl-bench: throughput vs the pg_recvlogical ceiling\n"
+                 f"{machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, PostgreSQL "
+                 f"{machine.get('postgresql', '?')}, {report.get('date', '')[:10]}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,332 @@
+"""One reader of ``pgrepl-bench`` in its own process: ``python -m pgrepl.bench_worker``.
+
+Running each reader in a child process makes its CPU time (user+sys, every thread, including
+librdkafka's) and its peak RSS its own. The parent writes a JSON spec as the first line of
+stdin (the DSN travels there, never on the command line) and may later send
+``{"target_lsn": ..., "expected": ...}`` lines; the worker answers with JSON lines on stdout:
+``started``, ``progress`` and one ``result``. Logs go to stderr.
+
+The worker is done when the reader has produced ``expected`` records and its slot is
+confirmed up to ``target_lsn`` -- pgrepl and the baseline confirm a position only once every
+record before it has a successful delivery report, so that is "every record delivered". CPU
+and wall time are measured from just before the reader starts (after imports) to that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+import orjson
+
+log = logging.getLogger("pgrepl.bench_worker")
+
+
+class _Emitter:
+    """Writes JSON lines to the parent (thread-safe)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def __call__(self, **event: Any) -> None:
+        line = json.dumps(event)
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+
+class LatencyRecorder:
+    """Commit-to-delivery latency: the row's client-side commit stamp vs now, per delivered record."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.samples: List[float] = []
+        self._index: Dict[str, int] = {}
+
+    def record(self, value: Optional[bytes]) -> None:
+        """Called when a delivery report arrives for a record (its JSON value)."""
+        now = time.time()
+        if value is None:
+            return
+        op = orjson.loads(value)
+        table = op["table_name"]
+        index = self._index.get(table)
+        if index is None:
+            index = self._index[table] = op["col_names"].index(self.column)
+        row = op["op"].get("Insert")
+        if row is None or row[index] is None:
+            return
+        self.samples.append(now - int(row[index]) / 1e6)
+
+
+def _install_latency_producer(recorder: LatencyRecorder) -> None:
+    """Make pgrepl's producer (in this process only) report every delivery to ``recorder``.
+
+    pgrepl asks for delivery reports only on the last record per partition of each batch; a
+    thin subclass of confluent-kafka's Producer adds a callback to every record, which is
+    what measuring every record's delivery needs. It is only used for the latency run.
+    """
+    import confluent_kafka
+
+    import pgrepl.producer
+
+    class _StampingProducer(confluent_kafka.Producer):
+        def produce(self, topic: str, value: Any = None, key: Any = None,  # type: ignore[override]
+                    partition: int = -1, *, on_delivery: Any = None, **kwargs: Any) -> None:
+            inner = on_delivery
+
+            def report(err: Any, msg: Any) -> None:
+                if err is None:
+                    recorder.record(msg.value())
+                if inner is not None:
+                    inner(err, msg)
+
+            super().produce(topic, value, key, partition, on_delivery=report, **kwargs)
+
+    setattr(pgrepl.producer, "KafkaProducer", _StampingProducer)
+
+
+def _cpu() -> Dict[str, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: every thread
+    return {"user": usage.ru_utime, "sys": usage.ru_stime}
+
+
+def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """Read ``expected`` records of ``topic`` from the beginning, parsing each into a ReplicationOp.
+
+    The reference consumer: confluent-kafka ``consume()`` in batches and
+    ``ReplicationOp.from_json`` per record, the least any consumer of the topic does.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    from pgrepl.ops import ReplicationOp
+
+    topic, expected = spec["topic"], int(spec["expected"])
+    consumer = Consumer({"bootstrap.servers": spec["brokers"], "group.id": spec["group"], "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest", "logger": logging.getLogger("pgrepl.kafka")})
+    metadata = consumer.list_topics(topic, timeout=30)
+    partitions = sorted(metadata.topics[topic].partitions)
+    emit(event="started", pid=os.getpid())
+    started = time.perf_counter()
+    cpu0 = _cpu()
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    records = 0
+    deadline = started + float(spec.get("timeout", 3600.0))
+    next_progress = started
+    result: Dict[str, Any]
+    while records < expected:
+        now = time.perf_counter()
+        if now > deadline:
+            result = {"ok": False, "error": f"read {records} of {expected} records before the timeout", "records": records}
+            break
+        if now >= next_progress:
+            emit(event="progress", records=records)
+            next_progress = now + 0.25
+        for msg in consumer.consume(min(1000, expected - records), 0.5):
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise RuntimeError(f"reading {topic}: {error}")
+            ReplicationOp.from_json(msg.value() or b"")
+            records += 1
+    else:
+        cpu1 = _cpu()
+        result = {"ok": True, "wall_s": time.perf_counter() - started, "cpu_user_s": cpu1["user"] - cpu0["user"],
+                  "cpu_sys_s": cpu1["sys"] - cpu0["sys"], "records": records}
+    consumer.close()
+    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    emit(event="result", **result)
+    return 0 if result.get("ok") else 1
+
+
+def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """pgrepl's Consumer over ``topic`` until ``expected`` ops were handled.
+
+    ``consume-basic``: ``start_basic`` with a handler that only counts (the consumer's own
+    cost per op). ``consume-idempotent-batch``: ``start_idempotent_batch`` into the bench's
+    PostgreSQL, the handler doing nothing inside each sink transaction, so what is measured is
+    the consumer's parse + lock + dedupe + state update + commit. Timed from the first op
+    handed to the handler: the consumer-group join before it (seconds on some brokers) is not
+    throughput.
+    """
+    from pgrepl.consumer import Consumer
+
+    expected = int(spec["expected"])
+    marks: Dict[str, Any] = {}
+    consumer = Consumer(spec["group"], [spec["topic"]], spec["brokers"], {"session.timeout.ms": 6000},
+                        batch_size=1000, state_table=spec.get("state_table") or "pgrepl_consumer_state",
+                        status_interval=3600.0, handle_signals=True)
+    stats = consumer.stats
+
+    def first_seen() -> None:
+        if "t0" not in marks:
+            marks["t0"] = time.perf_counter()
+            marks["cpu0"] = _cpu()
+
+    def handle(op: Any) -> None:
+        if not marks:
+            first_seen()
+
+    def handle_batch_tx(cursor: Any, ops: Any) -> None:
+        if not marks:
+            first_seen()
+
+    result: Dict[str, Any] = {}
+    started = time.perf_counter()
+    timeout = float(spec.get("timeout", 3600.0))
+
+    def monitor() -> None:
+        next_progress = 0.0
+        while True:
+            time.sleep(0.005)
+            now = time.perf_counter()
+            if stats.handled >= expected and "t0" in marks:
+                cpu1 = _cpu()
+                result.update(ok=True, wall_s=now - marks["t0"], cpu_user_s=cpu1["user"] - marks["cpu0"]["user"],
+                              cpu_sys_s=cpu1["sys"] - marks["cpu0"]["sys"], records=stats.handled)
+                break
+            if now - started > timeout:
+                result.update(ok=False, error=f"handled {stats.handled} of {expected} ops before the timeout",
+                              records=stats.handled)
+                break
+            if now >= next_progress:
+                emit(event="progress", records=stats.handled)
+                next_progress = now + 0.25
+        consumer.stop()
+
+    emit(event="started", pid=os.getpid())
+    thread = threading.Thread(target=monitor, name="bench-monitor", daemon=True)
+    thread.start()
+    try:
+        if spec["reader"] == "consume-basic":
+            consumer.start_basic(handle)
+        else:
+            consumer.start_idempotent_batch(handle_batch_tx, spec["dsn"])
+    except BaseException as exc:
+        if not result:
+            result.update(ok=False, error=f"{type(exc).__name__}: {exc}", records=stats.handled)
+        log.exception("consumer failed")
+    thread.join(5)
+    if not result:
+        result.update(ok=False, error="stopped before handling every op", records=stats.handled)
+    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    emit(event="result", **result)
+    return 0 if result.get("ok") else 1
+
+
+def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
+    """Run the reader the spec names until done (or timeout) and emit its ``result``."""
+    reader = spec["reader"]
+    if reader == "consume-raw":
+        return run_consumer(spec, emit)
+    if reader in ("consume-basic", "consume-idempotent-batch"):
+        return run_pgrepl_consumer(spec, emit)
+    target: Dict[str, Optional[int]] = {"lsn": spec.get("target_lsn"), "expected": spec.get("expected")}
+    recorder = LatencyRecorder(spec["latency_column"]) if spec.get("latency_column") else None
+    kafka_config = dict(spec.get("kafka_config") or {})
+    feedback_interval = float(spec.get("feedback_interval", 0.05))
+
+    producer: Any
+    if reader == "pgrepl":
+        if recorder is not None:
+            _install_latency_producer(recorder)
+        from pgrepl.producer import Producer
+
+        producer = Producer(spec["dsn"], spec["brokers"], spec["slot"], spec["publication"], spec["topic_map"],
+                            kafka_config, feedback_interval=feedback_interval, status_interval=3600.0,
+                            handle_signals=True)
+    elif reader == "baseline":
+        from pgrepl.baseline_producer import BaselineProducer
+
+        hook = (lambda msg: recorder.record(msg.value())) if recorder is not None else None
+        producer = BaselineProducer(spec["dsn"], spec["brokers"], spec["slot"], spec["publication"],
+                                    spec["topic_map"], kafka_config, feedback_interval=feedback_interval,
+                                    on_delivered=hook)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: producer.stop())
+    else:
+        raise SystemExit(f"unknown reader {reader!r}")
+
+    if stdin is not None:
+        def read_updates() -> None:
+            for line in stdin:
+                if line.strip():
+                    update = json.loads(line)
+                    target["expected"] = update.get("expected", target["expected"])
+                    target["lsn"] = update.get("target_lsn", target["lsn"])
+
+        threading.Thread(target=read_updates, name="bench-stdin", daemon=True).start()
+
+    timeout = float(spec.get("timeout", 3600.0))
+    result: Dict[str, Any] = {}
+    started = time.perf_counter()
+    cpu0 = _cpu()
+
+    def monitor() -> None:
+        stats = producer.stats
+        next_progress = time.perf_counter()
+        while True:
+            time.sleep(0.01)
+            now = time.perf_counter()
+            lsn, expected = target["lsn"], target["expected"]
+            if lsn is not None and expected is not None and stats.confirmed_lsn >= lsn and stats.records >= expected:
+                cpu1 = _cpu()
+                result.update(ok=True, wall_s=now - started, cpu_user_s=cpu1["user"] - cpu0["user"],
+                              cpu_sys_s=cpu1["sys"] - cpu0["sys"], records=stats.records,
+                              confirmed_lsn=stats.confirmed_lsn)
+                break
+            if now - started > timeout:
+                result.update(ok=False, error=f"timed out after {timeout:.0f} s with {stats.records} records, "
+                                                f"confirmed {stats.confirmed_lsn}", records=stats.records)
+                break
+            if now >= next_progress:
+                emit(event="progress", records=stats.records)
+                next_progress = now + 0.25
+        producer.stop()
+
+    thread = threading.Thread(target=monitor, name="bench-monitor", daemon=True)
+    emit(event="started", pid=os.getpid())
+    thread.start()
+    try:
+        if reader == "pgrepl":
+            producer.start()
+        else:
+            producer.run()
+    except BaseException as exc:  # report, then fail
+        if not result:
+            result.update(ok=False, error=f"{type(exc).__name__}: {exc}", records=producer.stats.records)
+        log.exception("reader %s failed", reader)
+    thread.join(5)
+    if not result:
+        result.update(ok=False, error="stopped before reaching the target", records=producer.stats.records)
+    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if recorder is not None:
+        result["latencies_s"] = recorder.samples
+    emit(event="result", **result)
+    return 0 if result.get("ok") else 1
+
+
+def main() -> int:
+    """Entry point: spec from the first stdin line; JSON events on stdout."""
+    logging.basicConfig(level=os.environ.get("PGREPL_BENCH_WORKER_LOG", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    line = sys.stdin.readline()
+    if not line:
+        print("pgrepl.bench_worker: expected a JSON spec on stdin", file=sys.stderr)
+        return 2
+    spec = json.loads(line)
+    emit = _Emitter(sys.stdout)
+    return run(spec, emit, sys.stdin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
