@@ -98,8 +98,9 @@ cdef class ReplicationStream:
         detail = message.decode("utf-8", "replace").strip() or "connection lost"
         raise StreamError(f"{what}: {detail}")
 
-    def read(self, Decoder decoder, Py_ssize_t max_messages=4096):
-        """Decode the messages that are available without blocking, at most ``max_messages``.
+    def read(self, Decoder decoder, Py_ssize_t max_messages=4096, Py_ssize_t max_bytes=8388608):
+        """Decode the messages that are available without blocking, at most ``max_messages``
+        and about ``max_bytes`` of stream (a batch of 20 kB rows stays small).
 
         Returns a ``Batch`` (with ``begin_starts``: the WAL position of each Begin). A
         ``PgreplError`` raised while decoding carries ``partial_batch``: what came before. After the
@@ -111,13 +112,14 @@ cdef class ReplicationStream:
         cdef int n
         cdef bint consumed = False
         cdef Py_ssize_t count = 0
+        cdef Py_ssize_t nbytes = 0
         cdef uint64_t data_start
         cdef int msg_type
         cdef const uint8_t* q
         self.would_block = False
         decoder._clear_slots()
         try:
-            while count < max_messages:
+            while count < max_messages and nbytes < max_bytes:
                 n = self._getcopydata(self._pg, &buf, 1)
                 if n == 0:
                     if consumed:
@@ -142,6 +144,7 @@ cdef class ReplicationStream:
                         self.last_data_start = data_start
                         self.messages += 1
                         self.bytes_received += n
+                        nbytes += n
                         try:
                             msg_type = decoder._decode_one(q + 25, n - 25, batch, count)
                         except DecodeError as exc:

@@ -54,7 +54,7 @@ DEFAULT_KAFKA_CONFIG: Dict[str, Any] = {
     "compression.type": "lz4",
     "linger.ms": 5,
     "queue.buffering.max.messages": 200_000,
-    "queue.buffering.max.kbytes": 64 * 1024,  # bounded memory: backpressure beyond this
+    "queue.buffering.max.kbytes": 32 * 1024,  # bounded memory: backpressure beyond this
     "partitioner": "consistent_random",
 }
 
@@ -100,6 +100,7 @@ class Producer:
         stop_timeout: float = 30.0,
         max_backoff: float = 30.0,
         batch_messages: int = 4096,
+        batch_bytes: int = 8 << 20,
         gather_seconds: float = 0.0005,
         handle_signals: bool = True,
     ) -> None:
@@ -123,6 +124,7 @@ class Producer:
         self.stop_timeout = stop_timeout
         self.max_backoff = max_backoff
         self.batch_messages = batch_messages
+        self.batch_bytes = batch_bytes
         self.gather_seconds = gather_seconds
         self.handle_signals = handle_signals
         self.kafka_config = self._kafka_settings(kafka_config or {})
@@ -347,7 +349,7 @@ class Producer:
         try:
             while not self._stopping:
                 try:
-                    batch = stream.read(decoder, self.batch_messages)
+                    batch = stream.read(decoder, self.batch_messages, self.batch_bytes)
                 except PgreplError as exc:
                     self._produce_complete_transactions(kafka, stream, tracker, getattr(exc, "partial_batch", None))
                     raise
