@@ -63,7 +63,6 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,6 +79,7 @@ from confluent_kafka import Producer as KafkaProducer
 from psycopg2 import sql
 
 from pgrepl import postgres
+from pgrepl._lifecycle import install_stop_handlers, run_in_thread
 from pgrepl.errors import ConfigError, MalformedRecordError, PgreplError
 from pgrepl.lsn import format_lsn, parse_lsn
 from pgrepl.ops import Op, ReplicationOp
@@ -651,7 +651,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         handler = _bridge(handle, loop)
         target = self.start_basic_batch if batch else self.start_basic
-        await self._run_in_thread(loop, lambda: target(handler))
+        await self._run_in_thread(lambda: target(handler))
 
     async def run_idempotent(self, handle_tx: Union[TxHandler, BatchTxHandler, Callable[..., Awaitable[Any]]],
                              dsn: str, *, batch: bool = False) -> None:
@@ -659,17 +659,11 @@ class Consumer:
         loop = asyncio.get_running_loop()
         handler = _bridge(handle_tx, loop)
         target = self.start_idempotent_batch if batch else self.start_idempotent
-        await self._run_in_thread(loop, lambda: target(handler, dsn))
+        await self._run_in_thread(lambda: target(handler, dsn))
 
-    async def _run_in_thread(self, loop: asyncio.AbstractEventLoop, target: Callable[[], None]) -> None:
+    async def _run_in_thread(self, target: Callable[[], None]) -> None:
         self.handle_signals = False
-        future = loop.run_in_executor(None, target)
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self.stop()
-            await future
-            raise
+        await run_in_thread(target, self.stop)
 
     # -- runners: process one partition's records, return an _Outcome ---------------------
 
@@ -899,17 +893,7 @@ class Consumer:
                 backoff = min(backoff * 2, self.max_backoff)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, lambda *_: self.stop())
-
-        def restore() -> None:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-        return restore
+        return install_stop_handlers(self.stop, self.handle_signals)
 
     def _sleep(self, seconds: float) -> None:
         """Sleep that ``stop()`` cuts short (within 0.1 s)."""

@@ -7,21 +7,20 @@ the slot's confirmed flush position only as far as delivery reports prove (``Del
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import select
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import psycopg2
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as KafkaProducer
 
 from pgrepl import postgres
+from pgrepl._lifecycle import install_stop_handlers, run_in_thread
 from pgrepl._decode import Batch, Decoder, ReplicationStream, StreamError
 from pgrepl.errors import ConfigError, DeliveryError, PgreplError
 from pgrepl.lsn import DeliveryTracker, format_lsn
@@ -186,28 +185,11 @@ class Producer:
 
     async def run(self) -> None:
         """asyncio entry point: runs the producer in a thread; cancelling the task stops it cleanly."""
-        loop = asyncio.get_running_loop()
         self.handle_signals = False
-        future = loop.run_in_executor(None, self.start)
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self.stop()
-            await future
-            raise
+        await run_in_thread(self.start, self.stop)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, lambda *_: self.stop())
-
-        def restore() -> None:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-        return restore
+        return install_stop_handlers(self.stop, self.handle_signals)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -142,3 +143,61 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
 def wait_streaming(dsn: str, slot: str, timeout: float = 30.0) -> None:
     """Wait until a walsender streams from ``slot`` (changes made after this are in the stream)."""
     wait_for(lambda: slot_state(dsn, slot)[1] is not None, timeout=timeout, what=f"a walsender on slot {slot}")
+
+
+def make_source(dsn: str, p: str) -> None:
+    """The ``{p}src`` table (REPLICA IDENTITY FULL) and the ``{p}pub`` publication of it."""
+    execute(dsn,
+            f"CREATE TABLE {p}src (id bigint PRIMARY KEY, grp text NOT NULL, n int NOT NULL, body text)",
+            f"ALTER TABLE {p}src REPLICA IDENTITY FULL",
+            f"CREATE PUBLICATION {p}pub FOR TABLE {p}src")
+
+
+class Workload(threading.Thread):
+    """Small transactions of inserts, updates and deletes on ``{p}src`` until stopped or ``max_ops``.
+
+    ``ops`` counts the row changes made (committed), ``transactions`` the commits; ids start at
+    ``first_id`` so two workloads on one table don't collide.
+    """
+
+    def __init__(self, dsn: str, p: str, seed: int = 1, first_id: int = 1, max_ops: Optional[int] = None,
+                 pause: float = 0.01, max_rows: int = 30) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.p, self.rng = dsn, p, random.Random(seed)
+        self.first_id, self.max_ops, self.pause, self.max_rows = first_id, max_ops, pause, max_rows
+        self.halt = threading.Event()
+        self.ops = 0
+        self.transactions = 0
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            conn = psycopg2.connect(self.dsn)
+            next_id = self.first_id
+            with conn.cursor() as cur:
+                while not self.halt.is_set() and (self.max_ops is None or self.ops < self.max_ops):
+                    n = self.rng.randint(1, self.max_rows)
+                    cur.execute(f"INSERT INTO {self.p}src SELECT g, 'g' || (g %% 7), 0, repeat('b', g %% 40) "
+                                "FROM generate_series(%s, %s) g", (next_id, next_id + n - 1))
+                    ops = cur.rowcount
+                    next_id += n
+                    low = self.rng.randint(self.first_id, next_id)
+                    cur.execute(f"UPDATE {self.p}src SET n = n + 1, body = body || 'u' WHERE id BETWEEN %s AND %s",
+                                (low, low + 4))
+                    ops += cur.rowcount
+                    cur.execute(f"DELETE FROM {self.p}src WHERE id = %s", (self.rng.randint(self.first_id, next_id),))
+                    ops += cur.rowcount
+                    conn.commit()
+                    self.ops += ops
+                    self.transactions += 1
+                    time.sleep(self.rng.random() * self.pause)
+            conn.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def finish(self) -> None:
+        """Stop making changes and re-raise the thread's error, if any."""
+        self.halt.set()
+        self.join(30)
+        if self.error is not None:
+            raise self.error

@@ -36,7 +36,8 @@ from pgrepl.lsn import format_lsn
 from pgrepl.ops import Op, ReplicationOp
 from pgrepl.producer import Producer
 from tests.integration.helpers import (
-    current_wal_lsn, dedupe, execute, read_topic, running, slot_state, wait_for, wait_streaming,
+    Workload, current_wal_lsn, dedupe, execute, make_source, read_topic, running, slot_state, wait_for,
+    wait_streaming,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -66,13 +67,6 @@ def produce(bootstrap: str, topic: str, records: Sequence[Tuple[Optional[bytes],
         else:
             producer.produce(topic, value, key, partition)
     assert producer.flush(30) == 0
-
-
-def make_source(dsn: str, p: str) -> None:
-    execute(dsn,
-            f"CREATE TABLE {p}src (id bigint PRIMARY KEY, grp text NOT NULL, n int NOT NULL, body text)",
-            f"ALTER TABLE {p}src REPLICA IDENTITY FULL",
-            f"CREATE PUBLICATION {p}pub FOR TABLE {p}src")
 
 
 def make_sink(dsn: str, p: str) -> None:
@@ -127,48 +121,6 @@ def applied(dsn: str, p: str) -> Tuple[int, int]:
 
 def rows(dsn: str, table: str) -> Dict[str, Tuple[Any, ...]]:
     return {r[0]: r for r in query(dsn, f"SELECT id::text, grp, n::text, body FROM {table}")}
-
-
-class Workload(threading.Thread):
-    """Small transactions of inserts, updates and deletes on ``{p}src`` until stopped or ``max_ops``."""
-
-    def __init__(self, dsn: str, p: str, seed: int = 1, max_ops: Optional[int] = None, pause: float = 0.01,
-                 max_rows: int = 30) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.p, self.rng, self.max_ops, self.pause = dsn, p, random.Random(seed), max_ops, pause
-        self.max_rows = max_rows
-        self.halt = threading.Event()
-        self.ops = 0
-        self.error: Optional[BaseException] = None
-
-    def run(self) -> None:
-        try:
-            conn = psycopg2.connect(self.dsn)
-            next_id = 1
-            with conn.cursor() as cur:
-                while not self.halt.is_set() and (self.max_ops is None or self.ops < self.max_ops):
-                    n = self.rng.randint(1, self.max_rows)
-                    cur.execute(f"INSERT INTO {self.p}src SELECT g, 'g' || (g %% 7), 0, repeat('b', g %% 40) "
-                                "FROM generate_series(%s, %s) g", (next_id, next_id + n - 1))
-                    self.ops += cur.rowcount
-                    next_id += n
-                    low = self.rng.randint(1, next_id)
-                    cur.execute(f"UPDATE {self.p}src SET n = n + 1, body = body || 'u' WHERE id BETWEEN %s AND %s",
-                                (low, low + 4))
-                    self.ops += cur.rowcount
-                    cur.execute(f"DELETE FROM {self.p}src WHERE id = %s", (self.rng.randint(1, next_id),))
-                    self.ops += cur.rowcount
-                    conn.commit()
-                    time.sleep(self.rng.random() * self.pause)
-            conn.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def finish(self) -> None:
-        self.halt.set()
-        self.join(30)
-        if self.error is not None:
-            raise self.error
 
 
 class Background:

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
@@ -20,59 +19,11 @@ import pytest
 from pgrepl.producer import Producer
 from pgrepl.sandbox import LocalBroker, LocalPostgres
 from tests.integration.helpers import (
-    current_wal_lsn, dedupe, execute, read_topic, running, slot_state, wait_for, wait_streaming,
+    Workload, current_wal_lsn, dedupe, execute, make_source, read_topic, running, slot_state, wait_for,
+    wait_streaming,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_source(dsn: str, p: str) -> None:
-    execute(dsn,
-            f"CREATE TABLE {p}src (id bigint PRIMARY KEY, grp text NOT NULL, n int NOT NULL, body text)",
-            f"ALTER TABLE {p}src REPLICA IDENTITY FULL",
-            f"CREATE PUBLICATION {p}pub FOR TABLE {p}src")
-
-
-class Workload(threading.Thread):
-    """Small transactions of inserts, updates and deletes on ``src`` until stopped."""
-
-    def __init__(self, dsn: str, p: str, seed: int = 1, first_id: int = 1) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.p, self.rng = dsn, p, random.Random(seed)
-        self.first_id = first_id
-        self.halt = threading.Event()
-        self.ops = 0
-        self.transactions = 0
-        self.error: Optional[BaseException] = None
-
-    def run(self) -> None:
-        try:
-            conn = psycopg2.connect(self.dsn)
-            next_id = self.first_id
-            with conn.cursor() as cur:
-                while not self.halt.is_set():
-                    n = self.rng.randint(1, 40)
-                    cur.execute(f"INSERT INTO {self.p}src SELECT g, 'g' || (g %% 7), 0, repeat('b', g %% 50) "
-                                "FROM generate_series(%s, %s) g", (next_id, next_id + n - 1))
-                    self.ops += cur.rowcount
-                    next_id += n
-                    low = self.rng.randint(self.first_id, next_id)
-                    cur.execute(f"UPDATE {self.p}src SET n = n + 1 WHERE id BETWEEN %s AND %s", (low, low + 5))
-                    self.ops += cur.rowcount
-                    cur.execute(f"DELETE FROM {self.p}src WHERE id = %s", (self.rng.randint(self.first_id, next_id),))
-                    self.ops += cur.rowcount
-                    conn.commit()
-                    self.transactions += 1
-                    time.sleep(self.rng.random() * 0.01)
-            conn.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def finish(self) -> None:
-        self.halt.set()
-        self.join(30)
-        if self.error is not None:
-            raise self.error
 
 
 def source_rows(dsn: str, p: str) -> Dict[str, Tuple[str, str, str, Optional[str]]]:
