@@ -940,6 +940,13 @@ cdef class Decoder:
             key_row = self._old
         buf_put(out, b"]}}", 3)
         value = PyBytes_FromStringAndSize(out.data, out.len)
+        if out.cap > (16 << 20):
+            # one huge value must not pin a buffer of six times its size for good
+            PyMem_Free(out.data)
+            out.data = NULL
+            out.cap = 0
+            out.len = 0
+            buf_reserve(out, 4096)
         if rel.nkey:
             key = self._make_key(r, rel, key_row)
         else:

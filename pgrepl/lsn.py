@@ -41,6 +41,7 @@ class DeliveryTracker:
     def __init__(self, start_lsn: int) -> None:
         self._confirmed = start_lsn
         self._pending: "Deque[_PendingBatch]" = deque()
+        self._abandoned = False
         self.failure: Optional[str] = None
 
     @property
@@ -69,7 +70,7 @@ class DeliveryTracker:
             done = pending.popleft()
             if done.commit_end is not None and done.commit_end > self._confirmed:
                 self._confirmed = done.commit_end
-        if not pending and idle_position is not None and idle_position > self._confirmed:
+        if not pending and not self._abandoned and idle_position is not None and idle_position > self._confirmed:
             self._confirmed = idle_position
         return self._confirmed
 
@@ -87,6 +88,13 @@ class _PendingBatch:
         self.tracker = tracker
         self.remaining = remaining
         self.commit_end = commit_end
+
+    def abandon(self, unproduced_markers: int) -> None:
+        """The batch was cut short (stop, failure): wait only for the markers that were produced,
+        and never let this batch move the slot (its later records were not produced)."""
+        self.remaining -= unproduced_markers
+        self.commit_end = None
+        self.tracker._abandoned = True
 
     def on_delivery(self, err: Any, msg: Any) -> None:
         """confluent-kafka delivery callback for a marker record."""

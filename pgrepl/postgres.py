@@ -95,6 +95,7 @@ class PublishedTable:
     name: str
     replica_identity: str  # 'd' default, 'n' nothing, 'f' full, 'i' index
     columns: Dict[str, bool]  # column name -> NOT NULL
+    partitions_not_full: Tuple[str, ...] = ()  # leaf partitions (of a partitioned table) lacking REPLICA IDENTITY FULL
 
     @property
     def qualified_name(self) -> str:
@@ -150,7 +151,7 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
         publishes = tuple(op for op, on in zip(("insert", "update", "delete", "truncate"), row) if on)
         cur.execute(
             """
-            SELECT n.nspname, c.relname, c.relreplident, a.attname, a.attnotnull
+            SELECT n.nspname, c.relname, c.relreplident, c.relkind, a.attname, a.attnotnull
             FROM pg_publication_tables pt
             JOIN pg_namespace n ON n.nspname = pt.schemaname
             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
@@ -160,13 +161,32 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
             """,
             (name,))
         tables: Dict[Tuple[str, str], Tuple[str, Dict[str, bool]]] = {}
-        for schema, table, replident, column, notnull in cur.fetchall():
+        partitioned = set()
+        for schema, table, replident, relkind, column, notnull in cur.fetchall():
             entry = tables.setdefault((schema, table), (replident, {}))
             entry[1][column] = notnull
+            if relkind == "p":
+                partitioned.add((schema, table))
+        # with publish_via_partition_root the root is listed, but the old rows come from the
+        # partitions, each with its own replica identity
+        not_full: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+        for schema, table in partitioned:
+            cur.execute(
+                """
+                SELECT pn.nspname || '.' || pc.relname
+                FROM pg_partition_tree(%s::regclass) t
+                JOIN pg_class pc ON pc.oid = t.relid
+                JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                WHERE t.isleaf AND pc.relreplident <> 'f'
+                ORDER BY 1
+                """,
+                (f"{quote_ident(schema)}.{quote_ident(table)}",))
+            not_full[(schema, table)] = tuple(r[0] for r in cur.fetchall())
     return Publication(
         name=name,
         publishes=publishes,
-        tables=tuple(PublishedTable(s, t, ri, cols) for (s, t), (ri, cols) in tables.items()),
+        tables=tuple(PublishedTable(s, t, ri, cols, not_full.get((s, t), ()))
+                     for (s, t), (ri, cols) in tables.items()),
     )
 
 
@@ -208,10 +228,16 @@ def check_publication(publication: Publication, topic_map: Dict[str, TopicInfo])
                     f"partition-key column {column!r} of table {table.qualified_name} is nullable; "
                     f"make it NOT NULL (ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} "
                     f"ALTER COLUMN {quote_ident(column)} SET NOT NULL) or choose another partition key")
-        if ("update" in publication.publishes or "delete" in publication.publishes) and table.replica_identity != "f":
-            raise ConfigError(
-                f"table {table.qualified_name} needs the full old row for updates and deletes; run: "
-                f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} REPLICA IDENTITY FULL")
+        if "update" in publication.publishes or "delete" in publication.publishes:
+            if table.replica_identity != "f":
+                raise ConfigError(
+                    f"table {table.qualified_name} needs the full old row for updates and deletes; run: "
+                    f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} REPLICA IDENTITY FULL")
+            if table.partitions_not_full:
+                raise ConfigError(
+                    f"partitions {list(table.partitions_not_full)} of table {table.qualified_name} need the full "
+                    "old row for updates and deletes (replica identity is set per partition); run ALTER TABLE "
+                    "<partition> REPLICA IDENTITY FULL on each")
     unmatched = sorted(set(topic_map) - set(matched))
     if unmatched:
         raise ConfigError(

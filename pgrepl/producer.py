@@ -144,6 +144,13 @@ class Producer:
         settings: Dict[str, Any] = dict(DEFAULT_KAFKA_CONFIG)
         settings.update(extra)
         settings.update(REQUIRED_KAFKA_CONFIG)
+        try:
+            too_big = int(settings.get("message.max.bytes", 1_000_000)) > int(settings["queue.buffering.max.kbytes"]) * 1024
+        except (TypeError, ValueError):
+            raise ConfigError("message.max.bytes and queue.buffering.max.kbytes must be integers") from None
+        if too_big:
+            raise ConfigError("message.max.bytes is larger than the producer queue (queue.buffering.max.kbytes "
+                              "* 1024): such a record could never be queued; raise queue.buffering.max.kbytes")
         settings["bootstrap.servers"] = self.brokers
         settings["error_cb"] = self._on_kafka_error
         settings.setdefault("logger", kafka_log)
@@ -328,6 +335,7 @@ class Producer:
         poll = kafka.poll
         wake = self._wake_r
         sock = stream.fileno()
+        clean = False
         try:
             while not self._stopping:
                 try:
@@ -373,10 +381,11 @@ class Producer:
                         # a trickle: let a few hundred microseconds of messages gather so that
                         # one wake-up (and one batch) carries many, instead of two or three
                         time.sleep(self.gather_seconds)
+            clean = True
         finally:
             stats.messages = stream.messages
             stats.bytes_received = stream.bytes_received
-            self._finish(kafka, stream, decoder, tracker)
+            self._finish(kafka, stream, decoder, tracker, clean)
 
     def _produce(self, kafka: KafkaProducer, stream: ReplicationStream, tracker: DeliveryTracker,
                  batch: Batch) -> None:
@@ -389,16 +398,30 @@ class Producer:
         callback = pending.on_delivery
         produce = kafka.produce
         index = 0
-        for marker in markers:
-            while index <= marker:
-                try:
-                    while index < marker:
-                        produce(topics[index], values[index], keys[index], partitions[index])
+        produced_markers = 0
+        try:
+            for marker in markers:
+                while index <= marker:
+                    try:
+                        while index < marker:
+                            produce(topics[index], values[index], keys[index], partitions[index])
+                            index += 1
+                        produce(topics[index], values[index], keys[index], partitions[index], on_delivery=callback)
                         index += 1
-                    produce(topics[index], values[index], keys[index], partitions[index], on_delivery=callback)
-                    index += 1
-                except BufferError:
-                    self._wait_for_queue(kafka, stream, tracker)
+                    except BufferError:
+                        self._wait_for_queue(kafka, stream, tracker, len(values[index]))
+                produced_markers += 1
+        except KafkaException as exc:
+            pending.abandon(len(markers) - produced_markers)
+            raise DeliveryError(
+                f"Kafka refused a {len(values[index])}-byte record for topic {topics[index]!r}: {exc}; "
+                "if it is too large, raise message.max.bytes in kafka_config (and the topic's "
+                "max.message.bytes)") from None
+        except BaseException:
+            # stopping mid-batch: the batch's commit must never be confirmed, but what was
+            # produced may still be waited for
+            pending.abandon(len(markers) - produced_markers)
+            raise
         self.stats.records += len(values)
 
     def _produce_complete_transactions(self, kafka: KafkaProducer, stream: ReplicationStream,
@@ -415,8 +438,17 @@ class Producer:
         batch.markers = list(range(cut))  # per-partition markers were computed for the whole batch
         self._produce(kafka, stream, tracker, batch)
 
-    def _wait_for_queue(self, kafka: KafkaProducer, stream: ReplicationStream, tracker: DeliveryTracker) -> None:
-        """Backpressure: the producer queue is full (slow or unreachable broker)."""
+    def _wait_for_queue(self, kafka: KafkaProducer, stream: ReplicationStream, tracker: DeliveryTracker,
+                        record_size: int) -> None:
+        """Backpressure: the producer queue is full (by count or by bytes; slow or unreachable broker).
+
+        Waits until half of what was queued has been delivered, keeping the walsender alive.
+        """
+        queued = len(kafka)
+        if queued == 0:
+            raise DeliveryError(
+                f"a {record_size}-byte record does not fit in the producer queue even when it is empty; "
+                "raise queue.buffering.max.kbytes in kafka_config")
         started = time.monotonic()
         last_feedback = started
         warned = False
@@ -426,7 +458,7 @@ class Producer:
                 raise DeliveryError(tracker.failure)
             if self._fatal is not None or self._stopping:
                 raise _StopNow()
-            if len(kafka) < int(self.kafka_config["queue.buffering.max.messages"]) * 0.9:
+            if len(kafka) <= queued // 2:
                 return
             now = time.monotonic()
             if now - last_feedback >= 5.0:
@@ -441,14 +473,18 @@ class Producer:
                 warned = True
 
     def _finish(self, kafka: KafkaProducer, stream: ReplicationStream, decoder: Decoder,
-                tracker: DeliveryTracker) -> None:
-        """Flush deliveries (bounded) and confirm what was delivered."""
+                tracker: DeliveryTracker, clean: bool) -> None:
+        """Flush deliveries (bounded) and confirm what was delivered.
+
+        The keepalive position is used only after a clean stop: after a failure, messages may
+        have been read (and the decoder moved on) without being produced.
+        """
         deadline = time.monotonic() + self.stop_timeout
         while tracker.in_flight and time.monotonic() < deadline and tracker.failure is None and self._fatal is None:
             kafka.poll(0.1)
             tracker.confirmable()
-        idle = None if decoder.in_transaction else stream.last_wal_end
-        confirmed = tracker.confirmable(idle if tracker.failure is None else None)
+        idle = None if decoder.in_transaction or not clean or tracker.failure is not None else stream.last_wal_end
+        confirmed = tracker.confirmable(idle)
         try:
             stream.send_feedback(confirmed, confirmed)
             self.stats.confirmed_lsn = confirmed

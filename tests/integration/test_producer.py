@@ -356,3 +356,19 @@ def test_asyncio_entry_point_and_cancellation(pg_dsn: str, kafka_bootstrap: str,
     asyncio.run(asyncio.wait_for(scenario(), 60))
     assert producer.stopping and producer.stats.records == 1
     drop_replication_slot(f"{p}slot")
+
+
+def test_partitions_of_a_partitioned_table_need_replica_identity_full(
+        pg_dsn: str, kafka_bootstrap: str, name_prefix: str) -> None:
+    p = name_prefix
+    execute(pg_dsn,
+            f"CREATE TABLE {p}parted (id int NOT NULL, org text NOT NULL) PARTITION BY RANGE (id)",
+            f"CREATE TABLE {p}part1 PARTITION OF {p}parted FOR VALUES FROM (0) TO (100)",
+            f"CREATE TABLE {p}part2 PARTITION OF {p}parted FOR VALUES FROM (100) TO (200)",
+            f"ALTER TABLE {p}parted REPLICA IDENTITY FULL",
+            f"ALTER TABLE {p}part1 REPLICA IDENTITY FULL",
+            f"CREATE PUBLICATION {p}pub FOR TABLE {p}parted WITH (publish_via_partition_root = true)")
+    producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", {f"{p}parted": {"name": f"{p}t"}},
+                        handle_signals=False)
+    with pytest.raises(ConfigError, match=f"partitions \\['public.{p}part2'\\] of table public.{p}parted"):
+        producer.start()

@@ -75,3 +75,11 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 ])
 def test_redact_dsn(dsn: str, shown: str) -> None:
     assert redact_dsn(dsn) == shown
+
+
+def test_message_larger_than_the_queue_is_rejected_up_front() -> None:
+    from pgrepl.producer import Producer
+
+    with pytest.raises(ConfigError, match="message.max.bytes is larger than the producer queue"):
+        Producer("dbname=x", "k:9092", "slot_1", "pub", {"t": {"name": "t"}},
+                 kafka_config={"message.max.bytes": 100_000_000, "queue.buffering.max.kbytes": 1024})

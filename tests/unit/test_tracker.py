@@ -55,3 +55,15 @@ def test_a_failed_delivery_blocks_the_position_and_is_reported() -> None:
     failed.on_delivery("BROKER_DOWN", Msg())
     assert tracker.confirmable(idle_position=900) == 100
     assert tracker.failure == "delivery to t[3] failed: BROKER_DOWN"
+
+
+def test_an_abandoned_batch_waits_only_for_what_was_produced_and_never_moves_the_slot() -> None:
+    tracker = DeliveryTracker(100)
+    done = tracker.track(1, 200)
+    cut = tracker.track(3, 300)
+    assert done and cut
+    cut.abandon(2)  # one of its three markers was produced before the stop
+    done.on_delivery(None, Msg())
+    cut.on_delivery(None, Msg())
+    assert tracker.confirmable(idle_position=900) == 200  # neither its commit nor the keepalive
+    assert tracker.in_flight == 0
