@@ -16,6 +16,7 @@ import pytest
 
 from pgrepl import Decoder
 from pgrepl.baseline import PyDecoder
+from pgrepl.bench_decoder import replay as replay_batches
 from pgrepl.capture import read_payloads
 from tests.data.record_captures import TOPIC_MAP
 
@@ -26,16 +27,7 @@ ROWS = len(Decoder(TOPIC_MAP).decode_batch(PAYLOADS))
 
 
 def replay(decoder_class: Any) -> Callable[[], int]:
-    def run() -> int:
-        decoder = decoder_class(TOPIC_MAP)
-        if hasattr(decoder, "set_partition_count"):
-            for topic in ("types_topic", "notes_topic", "inventory_topic"):
-                decoder.set_partition_count(topic, 12)
-        rows = 0
-        for batch in BATCHES:
-            rows += len(decoder.decode_batch(batch))
-        return rows
-    return run
+    return replay_batches(decoder_class, BATCHES)
 
 
 @pytest.mark.benchmark(group="decode inventory stream")

@@ -102,7 +102,8 @@ def load_stream(capture: Optional[str], synthetic_rows: int = 20_000) -> Decoder
     return DecoderStream(payloads, f"captured stream {path.name} ({rows:,} row changes)", rows)
 
 
-def _replay(decoder_class: Any, batches: List[List[bytes]]) -> Callable[[], int]:
+def replay(decoder_class: Any, batches: List[List[bytes]]) -> Callable[[], int]:
+    """A function that decodes ``batches`` with a fresh decoder of ``decoder_class``; returns the row count."""
     def run() -> int:
         decoder = decoder_class(CAPTURE_TOPIC_MAP, truncate="skip")
         if hasattr(decoder, "set_partition_count"):
@@ -138,7 +139,7 @@ def measure(stream: DecoderStream, repeat: int, min_seconds: float = 1.0,
         for name, cls in (("cython", Decoder), ("python", PyDecoder)):
             if progress is not None:
                 progress(f"decoder-only: {name} decoder, run {index + 1}/{repeat}")
-            samples[name].append(_rate(_replay(cls, batches), min_seconds))
+            samples[name].append(_rate(replay(cls, batches), min_seconds))
     return samples
 
 
