@@ -1054,3 +1054,4 @@ cdef class Decoder:
 
 
 include "_stream.pxi"
+include "_records.pxi"

@@ -79,6 +79,7 @@ from confluent_kafka import Producer as KafkaProducer
 from psycopg2 import sql
 
 from pgrepl import postgres
+from pgrepl._decode import parse_op_fast
 from pgrepl._lifecycle import install_stop_handlers, run_in_thread
 from pgrepl.errors import ConfigError, MalformedRecordError, PgreplError
 from pgrepl.lsn import format_lsn, parse_lsn
@@ -177,6 +178,7 @@ class ConsumerStats:
 # ------------------------------------------------------------------------------------------
 
 _loads = orjson.loads
+_parse_canonical = parse_op_fast
 _new = object.__new__
 #: table_name -> (col_names as parsed, the same as a tuple): the last validated columns per table.
 _col_cache: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {}
@@ -207,6 +209,9 @@ def parse_record(value: Optional[bytes]) -> ReplicationOp:
     """
     if value is None:
         raise MalformedRecordError("the record has no value (a tombstone), not a ReplicationOp")
+    fast = _parse_canonical(value)  # C parser for the layout the producer writes
+    if fast is not None:
+        return fast
     try:
         obj = _loads(value)
         table_name = obj["table_name"]
