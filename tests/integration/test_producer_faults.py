@@ -119,7 +119,9 @@ def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
     assert len(final) == workload.ops, f"{len(final)} distinct ops on Kafka, {workload.ops} made"
     assert replay(final) == source_rows(pg_dsn, p)
     check_order_per_key(messages)
-    assert len(messages) > len(final), "the crashes should have caused some replays"
+    # replays happen when a kill lands between delivery and confirmation; whether one did is
+    # timing, so it is reported, not asserted (the properties above hold either way)
+    print(f"{len(messages) - len(final)} replayed records over {len(checkpoints)} crashes")
     for confirmed, present in checkpoints:
         committed_before = {pos for pos in final if pos[0] < confirmed}
         missing = committed_before - present
