@@ -81,7 +81,7 @@ from psycopg2 import sql
 from pgrepl import postgres
 from pgrepl._decode import parse_op_fast
 from pgrepl._lifecycle import install_stop_handlers, run_in_thread
-from pgrepl.errors import ConfigError, MalformedRecordError, PgreplError
+from pgrepl.errors import ConfigError, MalformedRecordError, PgreplError, first_line
 from pgrepl.lsn import format_lsn, parse_lsn
 from pgrepl.ops import Op, ReplicationOp
 
@@ -439,11 +439,11 @@ class _Sink:
                 except psycopg2.Error as exc:
                     raise ConfigError(
                         f"state table {self.table_text} exists but does not have pgrepl's columns "
-                        f"(group_id, topic, partition, lsn, seq_id, kafka_offset): {_first_line(exc)}") from None
+                        f"(group_id, topic, partition, lsn, seq_id, kafka_offset): {first_line(exc)}") from None
         except psycopg2.ProgrammingError as exc:
             conn.close()
             raise ConfigError(f"cannot create the state table {self.table_text} in "
-                              f"{postgres.redact_dsn(self.dsn)}: {_first_line(exc)}") from None
+                              f"{postgres.redact_dsn(self.dsn)}: {first_line(exc)}") from None
         except BaseException:
             conn.close()
             raise
@@ -893,7 +893,7 @@ class Consumer:
                 return
             except psycopg2.OperationalError as exc:
                 log.warning("sink database %s not reachable (%s); retrying in %.1f s",
-                            postgres.redact_dsn(self._sink.dsn), _first_line(exc), backoff)
+                            postgres.redact_dsn(self._sink.dsn), first_line(exc), backoff)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
 
@@ -1290,11 +1290,6 @@ class Consumer:
             except KafkaException:
                 pass
         self._rebalanced = True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _describe(partitions: List[TopicPartition]) -> str:

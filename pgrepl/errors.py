@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libpq errors span several), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PgreplError(Exception):
     """Base class of every error pgrepl raises on purpose."""
 

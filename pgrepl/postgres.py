@@ -16,7 +16,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from pgrepl.errors import ConfigError
+from pgrepl.errors import ConfigError, first_line
 from pgrepl.lsn import parse_lsn
 from pgrepl.topics import TopicInfo
 
@@ -64,7 +64,7 @@ def connect(dsn: str, *, replication: bool = False, application_name: str = "pgr
     except psycopg2.ProgrammingError as exc:  # malformed DSN
         raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {str(exc).strip()}") from None
     except psycopg2.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if is_permanent_connect_error(exc):
             raise ConfigError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
         raise psycopg2.OperationalError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
@@ -279,7 +279,7 @@ def ensure_slot(conn: psycopg2.extensions.connection, slot: str, *, terminate_ac
         except psycopg2.errors.DuplicateObject:
             pass  # created concurrently by another producer: fall through to the checks
         except psycopg2.Error as exc:
-            raise ConfigError(f"cannot create replication slot {slot!r}: {str(exc).strip().splitlines()[0]}") from None
+            raise ConfigError(f"cannot create replication slot {slot!r}: {first_line(exc)}") from None
         else:
             log.info("created logical replication slot %s (pgoutput) at %s", slot, lsn)
         info = get_slot(conn, slot)

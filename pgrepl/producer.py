@@ -359,10 +359,9 @@ class Producer:
                 changed = confirmed != sent_flush
                 if stream.reply_requested or now - last_feedback >= 10.0 or (changed and (
                         stream.would_block and not tracker.in_flight or now - last_feedback >= self.feedback_interval)):
-                    stream.send_feedback(confirmed, confirmed)
+                    self._confirm(stream, confirmed)
                     sent_flush = confirmed
                     last_feedback = now
-                    stats.confirmed_lsn = confirmed
                 if now >= next_status:
                     rate = (stats.records - last_status_records) / max(now - last_status_time, 1e-9)
                     self._log_status(conn, rate, confirmed)
@@ -463,9 +462,7 @@ class Producer:
             now = time.monotonic()
             if now - last_feedback >= 5.0:
                 # keep the walsender from timing us out while Kafka is slow
-                confirmed = tracker.confirmable()
-                stream.send_feedback(confirmed, confirmed)
-                self.stats.confirmed_lsn = confirmed
+                self._confirm(stream, tracker.confirmable())
                 last_feedback = now
             if not warned and now - started > 30:
                 log.warning("Kafka is not accepting records (%d waiting); holding the replication stream",
@@ -486,11 +483,15 @@ class Producer:
         idle = None if decoder.in_transaction or not clean or tracker.failure is not None else stream.last_wal_end
         confirmed = tracker.confirmable(idle)
         try:
-            stream.send_feedback(confirmed, confirmed)
-            self.stats.confirmed_lsn = confirmed
+            self._confirm(stream, confirmed)
             log.info("confirmed slot %s up to %s", self.slot, format_lsn(confirmed))
         except StreamError as exc:
             log.warning("could not send the final status update: %s", exc)
+
+    def _confirm(self, stream: ReplicationStream, lsn: int) -> None:
+        """Report ``lsn`` as written and flushed: the slot's confirmed position follows it."""
+        stream.send_feedback(lsn, lsn)
+        self.stats.confirmed_lsn = lsn
 
     def _log_status(self, conn: Any, rate: float, confirmed: int) -> None:
         lag = "?"

