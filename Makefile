@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.pgrepl-installed
 
 # Create the virtual environment and install pgrepl (building the Cython extension) with its
 # test extra. Re-runs only when the build inputs change.
-$(STAMP): pyproject.toml setup.py $(wildcard pgrepl/*.pyx pgrepl/*.pxd pgrepl/*.pxi)
+$(STAMP): pyproject.toml setup.py $(wildcard pgrepl/_core/*.pyx pgrepl/_core/*.pxd pgrepl/_core/*.pxi)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -1,12 +1,13 @@
-"""Build script: compiles the Cython hot path ``pgrepl/_decode.pyx`` into ``pgrepl._decode``."""
+"""Build script: compiles the Cython hot path ``pgrepl/_core/core.pyx`` (and the .pxi units it
+includes) into ``pgrepl._core.core``."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "pgrepl._decode",
-        ["pgrepl/_decode.pyx"],
+        "pgrepl._core.core",
+        ["pgrepl/_core/core.pyx"],
         extra_compile_args=["-O3"],
     )
 ]

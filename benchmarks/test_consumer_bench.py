@@ -35,7 +35,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pgrepl.consumer import Consumer
-from pgrepl.ops import Op, ReplicationOp
+from pgrepl.model import Op, ReplicationOp
 
 N_OPS = int(os.environ.get("PGREPL_BENCH_OPS", "200000"))
 N_PEROP = int(os.environ.get("PGREPL_BENCH_PEROP_OPS", str(max(2000, N_OPS // 20))))
@@ -49,7 +49,7 @@ RESULTS: Dict[str, float] = {}
 @pytest.fixture(scope="module")
 def services() -> Iterator[Dict[str, str]]:
     """Kafka bootstrap and PostgreSQL DSN: the environment's, or throwaway sandbox servers."""
-    from pgrepl.sandbox import LocalBroker, LocalPostgres
+    from pgrepl.testing import LocalBroker, LocalPostgres
 
     started: List[Any] = []
     try:

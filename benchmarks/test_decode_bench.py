@@ -14,10 +14,10 @@ from typing import Any, Callable, List
 
 import pytest
 
-from pgrepl import Decoder
-from pgrepl.baseline import PyDecoder
-from pgrepl.bench_decoder import replay as replay_batches
-from pgrepl.capture import read_payloads
+from pgrepl._core import Decoder
+from pgrepl.bench.baseline.decoder import PyDecoder
+from pgrepl.bench.decoder import replay as replay_batches
+from pgrepl.testing.capture import read_payloads
 from tests.data.record_captures import TOPIC_MAP
 
 CAPTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inventory.pgcap.gz"

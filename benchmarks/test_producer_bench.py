@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from pgrepl.bench import main as bench_main
+from pgrepl.bench.cli import main as bench_main
 
 ROWS = int(os.environ.get("PGREPL_BENCH_ROWS", "200000"))
 

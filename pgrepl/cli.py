@@ -37,7 +37,7 @@ def _consume(args: argparse.Namespace) -> int:
     """``pgrepl consume``: ops as JSON lines on stdout; a record that is not an op stops it (exit 1)."""
     import orjson
 
-    from pgrepl.consumer import Consumer, _StopRequest
+    from pgrepl.consumer.consumer import Consumer, _StopRequest
 
     kafka_config = {}
     for item in args.kafka:

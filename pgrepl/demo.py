@@ -15,9 +15,9 @@ from typing import List
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from pgrepl.ops import ReplicationOp
+from pgrepl.model import ReplicationOp
 from pgrepl.producer import Producer
-from pgrepl.sandbox import LocalBroker, LocalPostgres
+from pgrepl.testing import LocalBroker, LocalPostgres
 
 TOPIC = "inventory_topic"
 STATEMENTS = [

@@ -1,8 +1,21 @@
-"""pgrepl's exception hierarchy: what went wrong, and whose move it is to fix it."""
+"""pgrepl's exception hierarchy: what went wrong, and whose move it is to fix it.
+
+This module imports nothing of pgrepl, so every other module can import it.
+
+``PgreplError``
+    ``ConfigError``           the user must change something (settings, schema, publication)
+    ``ReplicationError``      the stream holds a change pgrepl refuses to pass on
+    ``DecodeError``           a pgoutput message is malformed
+    ``DeliveryError``         Kafka refused or lost a record; nothing past it is confirmed
+    ``MalformedRecordError``  a Kafka record is not a ReplicationOp
+    ``ConsumerError``         the consumer stopped on an error it cannot get past
+        ``HandlerError``      a record could not be handled and the policy said stop
+    ``StreamError``           the replication connection failed (transient: the producer reconnects)
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 
 def first_line(exc: BaseException) -> str:
@@ -51,18 +64,44 @@ class DecodeError(PgreplError):
         where = f"message type {self.msg_type!r}" if self.msg_type is not None else "empty message"
         text = f"malformed pgoutput {where} at byte {self.offset}: {self.reason}"
         if self.lsn is not None:
-            from pgrepl.lsn import format_lsn
-
-            text += f" (message LSN {format_lsn(self.lsn)})"
+            text += f" (message LSN {self.lsn >> 32:X}/{self.lsn & 0xFFFFFFFF:X})"
         return text
 
-    def __reduce__(self):  # keep attributes across pickling (multiprocessing, logging handlers)
+    def __reduce__(self) -> Tuple[Any, ...]:  # keep attributes across pickling (multiprocessing, logging)
         return (type(self), (self.reason, self.msg_type, self.offset, self.index, self.lsn))
+
+
+class DeliveryError(PgreplError):
+    """Kafka refused or lost a record (or the producer hit a fatal error): nothing past it is confirmed."""
 
 
 class MalformedRecordError(PgreplError):
     """A Kafka record is not a valid ReplicationOp (bad JSON, missing fields, wrong types)."""
 
 
-class DeliveryError(PgreplError):
-    """Kafka refused or lost a record (or the producer hit a fatal error): nothing past it is confirmed."""
+class ConsumerError(PgreplError):
+    """The consumer stopped on an error it cannot get past by itself (Kafka fatal error, policy stop)."""
+
+
+class HandlerError(ConsumerError):
+    """A record could not be handled and the error policy said stop (or the dead-letter send failed).
+
+    ``topic``, ``partition`` and ``offset`` locate the record; ``lsn`` and ``seq_id`` are the
+    op's position when the record parsed. The original exception is ``__cause__``.
+    """
+
+    def __init__(self, message: str, topic: str = "", partition: int = -1, offset: int = -1,
+                 lsn: Optional[int] = None, seq_id: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.lsn = lsn
+        self.seq_id = seq_id
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # keep attributes across pickling
+        return (type(self), (str(self), self.topic, self.partition, self.offset, self.lsn, self.seq_id))
+
+
+class StreamError(PgreplError):
+    """The replication connection failed (network, server restart): transient, the producer reconnects."""

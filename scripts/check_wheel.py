@@ -6,7 +6,7 @@ Two commands (standard library only, runs on Python 3.9+):
 ``check [--dist DIR]`` (what ``make wheel-check`` and ``.ci/run`` run, after ``make wheel``)
     1. finds the sdist and the manylinux wheel for this interpreter in DIR (default ``dist``);
     2. checks the wheel holds every file of the source ``pgrepl/`` package (modules, the
-       ``_decode`` type stubs, ``py.typed``) plus the compiled ``_decode`` extension, and that
+       ``_core`` type stubs, ``py.typed``) plus the compiled ``_core.core`` extension, and that
        the sdist holds everything needed to rebuild it (``.pyx``/``.pxi``, ``setup.py``, tests);
     3. creates a fresh virtual environment and, with a PATH that holds only the venv's ``bin``
        and a few symlinked shell tools (no ``gcc``/``cc``/``c++``/``clang``; ``CC``/``CXX`` set to
@@ -15,7 +15,7 @@ Two commands (standard library only, runs on Python 3.9+):
 
 ``test-installed PROJECT_DIR`` (cibuildwheel's ``test-command``; also step 4 above)
     Runs against whatever ``pgrepl`` the current interpreter has installed: checks that it is
-    imported from site-packages and not from PROJECT_DIR, that ``_decode.pyi`` and ``py.typed``
+    imported from site-packages and not from PROJECT_DIR, that ``_core/core.pyi`` and ``py.typed``
     were installed, that ``pgrepl --version``, ``pgrepl.__version__`` and the installed
     distribution's metadata agree, then copies PROJECT_DIR/tests to a temporary directory and
     runs the unit tests there (``pytest tests/unit``), so the source tree is never importable.
@@ -71,10 +71,11 @@ def source_package_files(project: Path) -> List[str]:
         fail(f"no pgrepl/__init__.py under {project}")
     files = sorted(
         p.relative_to(project).as_posix()
-        for p in pkg.iterdir()
-        if p.is_file() and (p.suffix in PACKAGE_SUFFIXES or p.name in PACKAGE_NAMES)
+        for p in pkg.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and (p.suffix in PACKAGE_SUFFIXES or p.name in PACKAGE_NAMES)
     )
-    for required in ("pgrepl/_decode.pyx", "pgrepl/_decode.pyi", "pgrepl/py.typed", "pgrepl/_version.py"):
+    for required in ("pgrepl/_core/core.pyx", "pgrepl/_core/core.pxd", "pgrepl/_core/core.pyi", "pgrepl/py.typed",
+                     "pgrepl/_version.py"):
         if required not in files:
             fail(f"source tree lacks {required}")
     return files
@@ -112,9 +113,9 @@ def check_wheel_contents(wheel: Path, expected: Sequence[str]) -> str:
     missing = [f for f in expected if f not in names]
     if missing:
         fail(f"{wheel.name} is missing {missing}")
-    ext = [n for n in names if re.fullmatch(r"pgrepl/_decode\.(cpython-[^/]+\.so|abi3\.so|[^/]+\.pyd)", n)]
+    ext = [n for n in names if re.fullmatch(r"pgrepl/_core/core\.(cpython-[^/]+\.so|abi3\.so|[^/]+\.pyd)", n)]
     if not ext:
-        fail(f"{wheel.name} has no compiled pgrepl/_decode extension")
+        fail(f"{wheel.name} has no compiled pgrepl/_core/core extension")
     stray = [n for n in names if n.startswith(("tests/", "pgrepl/tests/")) or n.endswith(".c")]
     if stray:
         fail(f"{wheel.name} carries files it should not: {stray}")
@@ -143,7 +144,6 @@ def check_sdist_contents(sdist: Path, expected_pkg: Sequence[str], version: str)
         "setup.py",
         "PKG-INFO",
         "tests/__init__.py",
-        "tests/pgoutput.py",
         "tests/unit/__init__.py",
         "scripts/check_wheel.py",
     ]
@@ -231,18 +231,19 @@ CONFTEST = '''\
 import os
 
 import pgrepl
-import pgrepl._decode
+import pgrepl._core.core
 
 _EXPECTED = os.environ["PGREPL_CHECK_PKG_DIR"]
 
 
 def pytest_report_header(config):
-    return f"pgrepl under test: {pgrepl.__file__} (_decode: {pgrepl._decode.__file__})"
+    return f"pgrepl under test: {pgrepl.__file__} (compiled core: {pgrepl._core.core.__file__})"
 
 
 def pytest_sessionstart(session):
     got = os.path.dirname(os.path.realpath(pgrepl.__file__))
-    if got != _EXPECTED or os.path.dirname(os.path.realpath(pgrepl._decode.__file__)) != _EXPECTED:
+    core = os.path.dirname(os.path.dirname(os.path.realpath(pgrepl._core.core.__file__)))
+    if got != _EXPECTED or core != _EXPECTED:
         raise RuntimeError(f"pgrepl imported from {got}, expected the installed copy in {_EXPECTED}")
 '''
 
@@ -282,31 +283,31 @@ def cmd_test_installed(args: argparse.Namespace) -> int:
 
         try:
             pgrepl = importlib.import_module("pgrepl")
-            decode = importlib.import_module("pgrepl._decode")
+            decode = importlib.import_module("pgrepl._core.core")
         except ImportError as exc:
-            fail(f"cannot import the installed pgrepl / pgrepl._decode with {sys.executable}: {exc!r}")
+            fail(f"cannot import the installed pgrepl / pgrepl._core.core with {sys.executable}: {exc!r}")
         pkg_dir = Path(pgrepl.__file__).resolve().parent
         site_dirs = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
         if pkg_dir == project / "pgrepl":
             fail(f"pgrepl imported from the source tree {pkg_dir}")
         if pkg_dir.parent not in site_dirs:
             fail(f"pgrepl imported from {pkg_dir}, not from this interpreter's site-packages {sorted(map(str, site_dirs))}")
-        if Path(decode.__file__).resolve().parent != pkg_dir or Path(decode.__file__).suffix not in (".so", ".pyd"):
-            fail(f"pgrepl._decode is {decode.__file__}, not a compiled module in {pkg_dir}")
+        if Path(decode.__file__).resolve().parent != pkg_dir / "_core" or Path(decode.__file__).suffix not in (".so", ".pyd"):
+            fail(f"pgrepl._core.core is {decode.__file__}, not a compiled module in {pkg_dir / '_core'}")
         say(f"pgrepl.__file__ = {pgrepl.__file__}")
-        say(f"pgrepl._decode.__file__ = {decode.__file__}")
-        for name in ("_decode.pyi", "py.typed"):
+        say(f"pgrepl._core.core.__file__ = {decode.__file__}")
+        for name in ("_core/core.pyi", "py.typed"):
             if not (pkg_dir / name).is_file():
                 fail(f"installed package lacks {name}")
-        installed_names = sorted(p.name for p in pkg_dir.iterdir() if p.is_file())
-        missing = [f for f in source_package_files(project) if Path(f).name not in installed_names]
+        installed = {p.relative_to(pkg_dir.parent).as_posix() for p in pkg_dir.rglob("*") if p.is_file()}
+        missing = [f for f in source_package_files(project) if f not in installed]
         if missing:
             fail(f"installed package lacks source files {missing}")
         record = importlib.metadata.files("pgrepl") or []
         absent = [str(f) for f in record if not Path(f.locate()).exists()]
         if not record or absent:
             fail(f"installed distribution's RECORD is empty or lists missing files: {absent}")
-        say(f"installed package has _decode.pyi, py.typed and every module of the source package; {len(record)} RECORD entries present")
+        say(f"installed package has _core/core.pyi, py.typed and every module of the source package; {len(record)} RECORD entries present")
 
         meta_version = importlib.metadata.version("pgrepl")
         scripts_dir = Path(sysconfig.get_path("scripts"))

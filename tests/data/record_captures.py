@@ -27,7 +27,7 @@ import psycopg2.extras
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from pgrepl.capture import write_capture  # noqa: E402
+from pgrepl.testing.capture import write_capture  # noqa: E402
 
 Row = Tuple[Optional[str], ...]
 TOPIC_MAP = {
@@ -219,7 +219,7 @@ def main() -> None:
     if args.dsn:
         run(args.dsn)
     else:
-        from pgrepl.sandbox import LocalPostgres
+        from pgrepl.testing import LocalPostgres
 
         with LocalPostgres() as pg:
             run(pg.dsn)

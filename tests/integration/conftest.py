@@ -25,8 +25,8 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pgrepl.errors import ConfigError, first_line
-from pgrepl.postgres import redact_dsn
-from pgrepl.sandbox import LocalBroker, LocalPostgres, SandboxError
+from pgrepl.postgres.connect import redact_dsn
+from pgrepl.testing import LocalBroker, LocalPostgres, SandboxError
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def reader_processes() -> Set[int]:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != b"Z" and (b"pgrepl.bench_worker" in cmdline or b"pg_recvlogical" in cmdline):
+        if state != b"Z" and (b"pgrepl.bench.worker" in cmdline or b"pg_recvlogical" in cmdline):
             found.add(int(entry))
     return found
 

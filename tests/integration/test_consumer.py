@@ -31,9 +31,9 @@ from confluent_kafka import Producer as KafkaProducer
 from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg2 import sql
 
-from pgrepl.consumer import Consumer, HandlerError
+from pgrepl import Consumer, HandlerError
 from pgrepl.lsn import format_lsn
-from pgrepl.ops import Op, ReplicationOp
+from pgrepl.model import Op, ReplicationOp
 from pgrepl.producer import Producer
 from tests.integration.helpers import (
     Workload, current_wal_lsn, dedupe, execute, make_source, read_topic, running, slot_state, wait_for,

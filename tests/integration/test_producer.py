@@ -289,7 +289,7 @@ def test_unreachable_broker_is_retried_with_a_clear_message(pg_dsn: str, name_pr
 def test_wal_level_replica_is_a_config_error(local_pg, kafka_bootstrap: str) -> None:
     if local_pg is None:
         pytest.skip("needs the local sandbox (starts a second server with wal_level=replica)")
-    from pgrepl.sandbox import LocalPostgres
+    from pgrepl.testing import LocalPostgres
 
     with LocalPostgres(settings={"wal_level": "replica"}) as replica:
         producer = Producer(replica.dsn, kafka_bootstrap, "slot_x", "pub", {"t": {"name": "t"}}, handle_signals=False)

@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 
 from pgrepl.producer import Producer
-from pgrepl.sandbox import LocalBroker, LocalPostgres
+from pgrepl.testing import LocalBroker, LocalPostgres
 from tests.integration.helpers import (
     Workload, current_wal_lsn, dedupe, execute, make_source, read_topic, running, slot_state, wait_for,
     wait_streaming,

@@ -22,8 +22,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 from psycopg2 import sql
 
 import pgrepl
-from pgrepl import sandbox
-from pgrepl.sandbox import LocalBroker, LocalPostgres
+from pgrepl.testing import LocalBroker, LocalPostgres, SandboxError, sweep_orphans
+from pgrepl.testing import _service
 
 # tansu (like Kafka with group.initial.rebalance.delay) holds a new group's first join back; with
 # tansu the hold is about session.timeout.ms / 2, so librdkafka's 45 s default would cost ~22 s.
@@ -169,13 +169,13 @@ def test_restart_does_not_hang_on_a_stalled_replication_client(
 
 def _children(pid: int) -> Set[int]:
     """PIDs of the live children of ``pid`` (the postmaster's backends and auxiliary processes)."""
-    return {child for child, _ in sandbox._children_titles(pid)}
+    return {child for child, _ in _service.children_titles(pid)}
 
 
 def _gone(pids: Set[int], timeout: float) -> bool:
     """Whether all ``pids`` have exited (zombies count) within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while any(sandbox._pid_exists(p) for p in pids):
+    while any(_service.pid_exists(p) for p in pids):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -187,9 +187,9 @@ def _start_owner_and_kill_it(tmp_path: Path, pdeathsig: bool) -> Tuple[int, str,
     code = textwrap.dedent(
         f"""
         import json, os, time
-        from pgrepl import sandbox
-        sandbox._PDEATHSIG_ENABLED = {pdeathsig!r}
-        pg = sandbox.LocalPostgres().start()
+        from pgrepl.testing import LocalPostgres, _service
+        _service.PDEATHSIG_ENABLED = {pdeathsig!r}
+        pg = LocalPostgres().start()
         print(json.dumps({{"pid": pg.pid, "dir": os.path.dirname(pg.data_dir)}}), flush=True)
         time.sleep(120)
         """
@@ -223,16 +223,16 @@ def test_sweep_kills_orphaned_postgres(local_pg: Optional[LocalPostgres], tmp_pa
     try:
         assert children, "the orphaned postmaster should have auxiliary processes"
         time.sleep(0.3)
-        assert sandbox._pid_exists(postmaster), "without PR_SET_PDEATHSIG the postmaster outlives its owner"
+        assert _service.pid_exists(postmaster), "without PR_SET_PDEATHSIG the postmaster outlives its owner"
         assert os.path.isdir(sandbox_dir)
 
         with LocalPostgres() as pg:  # the next start sweeps the root first
             assert not os.path.exists(sandbox_dir)
-            assert not sandbox._pid_exists(postmaster)
+            assert not _service.pid_exists(postmaster)
             assert pg.pid != postmaster
         assert _gone(children, 15), "the orphan's backends should exit with their postmaster"
     finally:
-        sandbox.sweep_orphans()  # never leave the orphan behind, even when an assertion failed
+        sweep_orphans()  # never leave the orphan behind, even when an assertion failed
 
 
 def test_owner_death_signal_stops_postgres(local_pg: Optional[LocalPostgres], tmp_path: Path) -> None:
@@ -245,10 +245,10 @@ def test_owner_death_signal_stops_postgres(local_pg: Optional[LocalPostgres], tm
     try:
         assert _gone({postmaster} | children, 15), "postmaster should stop on its owner's death"
         assert os.path.isdir(sandbox_dir)
-        assert sandbox_dir in sandbox.sweep_orphans()
+        assert sandbox_dir in sweep_orphans()
         assert not os.path.exists(sandbox_dir)
     finally:
-        sandbox.sweep_orphans()
+        sweep_orphans()
 
 
 # ------------------------------------------------------------------------------------------
@@ -366,15 +366,15 @@ def test_taken_port_is_retried_or_reported(
         squatter.listen()
         taken = squatter.getsockname()[1]
         picks = iter([taken])
-        real_free_port = sandbox._free_port
-        monkeypatch.setattr(sandbox, "_free_port", lambda: next(picks, None) or real_free_port())
+        real_free_port = _service.free_port
+        monkeypatch.setattr(_service, "free_port", lambda: next(picks, None) or real_free_port())
         with LocalPostgres() as pg:
             assert pg.port != taken
         picks = iter([taken])
         with LocalBroker() as broker:
             assert broker.port != taken
 
-        with pytest.raises(sandbox.SandboxError, match="address in use"):
+        with pytest.raises(SandboxError, match="address in use"):
             LocalBroker(port=taken).start()
-        with pytest.raises(sandbox.SandboxError, match="address in use"):
+        with pytest.raises(SandboxError, match="address in use"):
             LocalPostgres(port=taken).start()

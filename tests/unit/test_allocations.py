@@ -6,8 +6,8 @@ import gc
 import sys
 from pathlib import Path
 
-from pgrepl import Decoder
-from pgrepl.capture import read_payloads
+from pgrepl._core import Decoder
+from pgrepl.testing.capture import read_payloads
 from tests.data.record_captures import TOPIC_MAP
 
 CAPTURE = Path(__file__).resolve().parents[1] / "data" / "inventory.pgcap.gz"

@@ -8,8 +8,10 @@ from typing import Any, Dict, List
 
 import pytest
 
-from pgrepl import bench, bench_report, bench_workloads
-from pgrepl.bench_resources import BenchResources, new_run_prefix
+from pgrepl.bench import cli as bench
+from pgrepl.bench import report as bench_report
+from pgrepl.bench import workloads as bench_workloads
+from pgrepl.bench.resources import BenchResources, new_run_prefix
 from pgrepl.errors import ConfigError
 
 
@@ -159,7 +161,7 @@ def test_tables_print_plain_and_markdown(capsys: Any) -> None:
 
 
 def test_decoder_only_runs_without_services(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
-    from pgrepl import bench_decoder
+    from pgrepl.bench import decoder as bench_decoder
 
     monkeypatch.setattr(bench_decoder, "_rate", lambda run, min_seconds: run() / 0.01)
     out = tmp_path / "figures.json"
@@ -172,9 +174,9 @@ def test_decoder_only_runs_without_services(tmp_path: Path, capsys: Any, monkeyp
 
 
 def test_synthetic_stream_decodes_identically_in_both_decoders() -> None:
-    from pgrepl import Decoder
-    from pgrepl.baseline import PyDecoder
-    from pgrepl.bench_decoder import CAPTURE_TOPIC_MAP, synthesize
+    from pgrepl._core import Decoder
+    from pgrepl.bench.baseline.decoder import PyDecoder
+    from pgrepl.bench.decoder import CAPTURE_TOPIC_MAP, synthesize
 
     stream = synthesize(2_500, tx_size=1_000)
     fast = Decoder(CAPTURE_TOPIC_MAP).decode_batch(stream.payloads)

@@ -11,7 +11,7 @@ import pgrepl
 from pgrepl import ConfigError
 from pgrepl.cli import main
 from pgrepl.config import load_file, producer_kwargs
-from pgrepl.postgres import redact_dsn
+from pgrepl.postgres.connect import redact_dsn
 
 
 def test_version(capsys: pytest.CaptureFixture) -> None:

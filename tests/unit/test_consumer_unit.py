@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgrepl import ConfigError, MalformedRecordError, Op, ReplicationOp
-from pgrepl.consumer import (
-    DEFAULT_KAFKA_CONFIG, Consumer, HandlerError, _Fatal, parse_record, parse_state_table,
-)
+from pgrepl import Consumer, HandlerError
+from pgrepl.consumer.consumer import DEFAULT_KAFKA_CONFIG, _Fatal
+from pgrepl.sink.postgres import parse_table_name as parse_state_table
+
+parse_record = ReplicationOp.from_json
 
 VALID = [
     b'{"table_name":"inventory","col_names":["id","organization_id"],"lsn":23456789,"seq_id":0,"op":{"Insert":["1","8f14e45f"]}}',

@@ -8,8 +8,9 @@ from typing import List
 import orjson
 import pytest
 
-from pgrepl import Begin, Commit, ConfigError, Decoder, Record, ReplicationError, ReplicationOp, TopicInfo
-from tests import pgoutput as m
+from pgrepl import ConfigError, ReplicationError, ReplicationOp, TopicInfo
+from pgrepl._core import Begin, Commit, Decoder, Record
+from pgrepl.testing import pgoutput as m
 
 REL = 16384
 COLS = ["id", "org", "body"]

@@ -7,9 +7,9 @@ from typing import List, Optional
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgrepl import Decoder
-from pgrepl.baseline import PyDecoder
-from tests import pgoutput as m
+from pgrepl._core import Decoder
+from pgrepl.bench.baseline.decoder import PyDecoder
+from pgrepl.testing import pgoutput as m
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 VALUE = st.one_of(st.none(), TEXT)

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from pgrepl import DecodeError, Decoder
-from pgrepl._decode import escape_json_string
-from tests import pgoutput as m
+from pgrepl import DecodeError
+from pgrepl._core import Decoder
+from pgrepl._core import escape_json_string
+from pgrepl.testing import pgoutput as m
 
 SHORT = {0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r", 0x22: '\\"', 0x5C: "\\\\"}
 

@@ -11,9 +11,10 @@ from typing import Any, Dict, List
 
 import pytest
 
-from pgrepl import Decoder, ReplicationOp
-from pgrepl.baseline import PyDecoder
-from pgrepl.capture import iter_capture, read_payloads
+from pgrepl import ReplicationOp
+from pgrepl._core import Decoder
+from pgrepl.bench.baseline.decoder import PyDecoder
+from pgrepl.testing.capture import iter_capture, read_payloads
 from tests.data.record_captures import TOPIC_MAP
 
 DATA = Path(__file__).resolve().parents[1] / "data"

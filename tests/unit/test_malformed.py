@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgrepl import ConfigError, DecodeError, Decoder, PgreplError, ReplicationError
-from tests import pgoutput as m
+from pgrepl import ConfigError, DecodeError, PgreplError, ReplicationError
+from pgrepl._core import Decoder
+from pgrepl.testing import pgoutput as m
 
 REL = 16384
 COLS = ["id", "org", "body"]

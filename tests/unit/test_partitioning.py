@@ -6,9 +6,10 @@ import zlib
 
 import pytest
 
-from pgrepl import ConfigError, Decoder
-from pgrepl._decode import key_partition
-from tests import pgoutput as m
+from pgrepl import ConfigError
+from pgrepl._core import Decoder
+from pgrepl._core import key_partition
+from pgrepl.testing import pgoutput as m
 
 REL = 1
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgrepl.lsn import DeliveryTracker
+from pgrepl.producer.delivery import DeliveryTracker
 
 
 class Msg:

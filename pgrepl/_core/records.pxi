@@ -1,17 +1,10 @@
-# Included by _decode.pyx: the consumer's hot path, ReplicationOp JSON back into objects.
+# Included by core.pyx: the consumer's hot path, ReplicationOp JSON back into objects.
 #
 # Parses exactly the layout the producer (and the original Rust library) writes: no spaces,
 # fields in order, rows of strings and nulls. Anything else (other key order, whitespace, a
 # \u escape of a surrogate, wrong widths, invalid UTF-8) returns None, and the caller takes
 # the general orjson path, which accepts or rejects with the precise error.
 
-from cpython.unicode cimport PyUnicode_DecodeUTF8
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.ref cimport Py_INCREF
-from libc.string cimport memcmp
-
-cdef object _RecordOp = None       # pgrepl.ops.ReplicationOp, imported on first use
-cdef object _RecordOpKind = None   # pgrepl.ops.Op
 # (prefix bytes b'{"table_name":…,"col_names":[…],', table_name, columns) of the last record;
 # one tuple so that threads always see a consistent triple
 cdef tuple _last_prefix = None
@@ -181,14 +174,14 @@ cdef object js_row(JScan* j, Py_ssize_t width):
     return row
 
 
-def parse_op_fast(value):
-    """Parse a ReplicationOp record written in the canonical layout; None means "not canonical"."""
-    global _RecordOp, _RecordOpKind
+def parse_canonical(value, build):
+    """Parse a ReplicationOp record written in the canonical layout; None means "not canonical".
+
+    The op is made by ``build(table_name, col_names, lsn, seq_id, kind, old, new)``, the one
+    constructor ``pgrepl.model`` uses for every parsed record.
+    """
     if type(value) is not bytes:
         return None
-    if _RecordOp is None:
-        from pgrepl.ops import Op, ReplicationOp
-        _RecordOp, _RecordOpKind = ReplicationOp, Op
     cdef JScan j
     j.p = PyBytes_AS_STRING(value)
     j.pos = 0
@@ -197,12 +190,12 @@ def parse_op_fast(value):
     j.tmp.len = 0
     j.tmp.cap = 0
     try:
-        return _parse_op(&j, value)
+        return _parse_op(&j, value, build)
     finally:
         PyMem_Free(j.tmp.data)
 
 
-cdef object _parse_op(JScan* j, bytes value):
+cdef object _parse_op(JScan* j, bytes value, object build):
     global _last_prefix
     cdef uint64_t lsn
     cdef uint64_t seq_id
@@ -265,14 +258,4 @@ cdef object _parse_op(JScan* j, bytes value):
         return None
     if not js_lit(j, b"}}", 2) or j.pos != j.end:
         return None
-    op = _RecordOpKind.__new__(_RecordOpKind)
-    op.kind = kind
-    op.old = old
-    op.new = new
-    record = _RecordOp.__new__(_RecordOp)
-    record.table_name = table_name
-    record.col_names = columns
-    record.lsn = lsn
-    record.seq_id = seq_id
-    record.op = op
-    return record
+    return build(table_name, columns, lsn, seq_id, kind, old, new)

@@ -3,14 +3,20 @@
 The JSON is the compatibility contract with the original Rust library: what
 ``serde_json::to_string`` prints for its ``ReplicationOp``. ``ReplicationOp.to_json()``
 reproduces the producer's bytes exactly, so a parsed op can be re-published unchanged.
+
+Parsing has one entry point, ``ReplicationOp.from_json`` (the consumer's hot path): records in
+the canonical layout the producer writes are parsed in C; anything else takes the general
+orjson path, which accepts or rejects with the precise error. Both build the op through one
+constructor, ``_parsed_op``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import orjson
 
+from pgrepl._core import parse_canonical
 from pgrepl.errors import MalformedRecordError
 
 Row = Tuple[Optional[str], ...]
@@ -124,8 +130,13 @@ class ReplicationOp:
         )
 
     @classmethod
-    def from_json(cls, data: bytes) -> "ReplicationOp":
-        """Parse a record's JSON; ``MalformedRecordError`` says what is wrong when it is not one."""
+    def from_json(cls, data: Optional[bytes]) -> "ReplicationOp":
+        """Parse a record's value; ``MalformedRecordError`` says what is wrong when it is not a ReplicationOp."""
+        if data is None:
+            raise MalformedRecordError("the record has no value (a tombstone), not a ReplicationOp")
+        fast = parse_canonical(data, _parsed_op)
+        if fast is not None:
+            return fast  # type: ignore[no-any-return]
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -151,17 +162,19 @@ class ReplicationOp:
             raise MalformedRecordError('op must be an object with one key: "Insert", "Update" or "Delete"')
         ((kind, payload),) = op.items()
         width = len(col_names)
+        old: Optional[Row] = None
+        new: Optional[Row] = None
         if kind == "Update":
             if not isinstance(payload, list) or len(payload) != 2:
                 raise MalformedRecordError("Update must hold [old_row, new_row]")
-            parsed = Op("Update", _row(payload[0], width), _row(payload[1], width))
+            old, new = _row(payload[0], width), _row(payload[1], width)
         elif kind == "Insert":
-            parsed = Op("Insert", None, _row(payload, width))
+            new = _row(payload, width)
         elif kind == "Delete":
-            parsed = Op("Delete", _row(payload, width), None)
+            old = _row(payload, width)
         else:
             raise MalformedRecordError(f'unknown op {kind!r}; expected "Insert", "Update" or "Delete"')
-        return cls(table_name, col_names, lsn, seq_id, parsed)
+        return _parsed_op(table_name, tuple(col_names), lsn, seq_id, kind, old, new)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReplicationOp):
@@ -185,12 +198,25 @@ def _row(value: Any, width: int) -> Row:
     return tuple(value)
 
 
-def parse_many(values: Sequence[bytes]) -> List[ReplicationOp]:
-    """Parse a batch of record values (``MalformedRecordError`` names the failing index)."""
-    ops = []
-    for index, value in enumerate(values):
-        try:
-            ops.append(ReplicationOp.from_json(value))
-        except MalformedRecordError as exc:
-            raise MalformedRecordError(f"record {index}: {exc}") from None
-    return ops
+_new = object.__new__
+
+
+def _parsed_op(table_name: str, col_names: Tuple[str, ...], lsn: int, seq_id: int, kind: str,
+               old: Optional[Row], new: Optional[Row]) -> ReplicationOp:
+    """The one constructor of parsed records, C fast path and general path alike.
+
+    Its callers have checked every field already (kind, row widths, types), so it fills the
+    slots without ``__init__``'s checks: this runs once per consumed record. A slot added to
+    ``Op`` or ``ReplicationOp`` must be set here (a unit test compares the slots).
+    """
+    op = _new(Op)
+    op.kind = kind
+    op.old = old
+    op.new = new
+    record = _new(ReplicationOp)
+    record.table_name = table_name
+    record.col_names = col_names
+    record.lsn = lsn
+    record.seq_id = seq_id
+    record.op = op
+    return record

@@ -1,11 +1,10 @@
 """``pgrepl-bench --decoder-only``: the Cython decoder against the pure-Python baseline, no services.
 
-Replays a captured pgoutput stream (``pgrepl.capture`` format) through
-``Decoder.decode_batch`` and ``PyDecoder.decode_batch`` in batches of 1,000 messages, as the
-producer does. Without a capture file (an installed package has none) it uses the
-repository's ``tests/data/inventory.pgcap.gz`` when run from a checkout, else it synthesizes
-an equivalent stream of the 7-column inventory row (inserts, updates, deletes, transactions
-of 1,000 changes) with the same byte layout PostgreSQL sends.
+Replays a pgoutput stream through ``Decoder.decode_batch`` and ``PyDecoder.decode_batch`` in
+batches of 1,000 messages, as the producer does: a captured stream (``--capture FILE``, the
+``pgrepl.testing.capture`` format; the repository has ``tests/data/inventory.pgcap.gz``), or by
+default a synthesized stream of the 7-column inventory row (inserts, updates, deletes,
+transactions of 1,000 changes) with the same byte layout PostgreSQL sends.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-#: The captured stream shipped in the repository (absent from installed packages).
-REPO_CAPTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inventory.pgcap.gz"
+from pgrepl.testing import pgoutput
 
 #: Topic map for the repository captures (``tests/data/record_captures.py``) and the synthetic stream.
 CAPTURE_TOPIC_MAP: Dict[str, Dict[str, Any]] = {
@@ -40,17 +38,6 @@ class DecoderStream:
     rows: int
 
 
-def _tuple(values: Sequence[Optional[str]]) -> bytes:
-    out = [struct.pack(">H", len(values))]
-    for value in values:
-        if value is None:
-            out.append(b"n")
-        else:
-            raw = value.encode("utf-8")
-            out.append(b"t" + struct.pack(">I", len(raw)) + raw)
-    return b"".join(out)
-
-
 def _inventory_row(g: int, bump: int = 0) -> List[Optional[str]]:
     org = str(uuid.UUID(bytes=struct.pack(">QQ", g % 50 + 1, 0x9E3779B97F4A7C15)))
     return [str(g), org, f'widget {g} "deluxe"', str(g % 1000 + bump), f"{(g % 10000) / 100:.2f}",
@@ -61,42 +48,39 @@ def _inventory_row(g: int, bump: int = 0) -> List[Optional[str]]:
 def synthesize(rows: int = 20_000, tx_size: int = 1_000) -> DecoderStream:
     """A pgoutput v1 stream of ``rows`` inventory changes (60% inserts, 30% updates, 10% deletes)."""
     relid = 16384
-    relation = [b"R", struct.pack(">I", relid), b"public\x00inventory\x00f", struct.pack(">H", len(_INVENTORY_COLUMNS))]
-    for name, oid in zip(_INVENTORY_COLUMNS, _TYPE_OIDS):
-        relation += [b"\x01" if name == "id" else b"\x00", name.encode() + b"\x00", struct.pack(">Ii", oid, -1)]
-    payloads: List[bytes] = [b"".join(relation)]
+    payloads: List[bytes] = [pgoutput.relation(relid, "public", "inventory", _INVENTORY_COLUMNS, "f", ("id",),
+                                               _TYPE_OIDS)]
     lsn = 0x1000000
     made = 0
     xid = 1000
     while made < rows:
         count = min(tx_size, rows - made)
         lsn += 64 * count + 4096
-        payloads.append(b"B" + struct.pack(">QqI", lsn, 0, xid))
+        payloads.append(pgoutput.begin(lsn, xid))
         for i in range(count):
             g = made + i + 1
             kind = g % 10
-            head = b"I" if kind < 6 else (b"U" if kind < 9 else b"D")
             row = _inventory_row(g)
-            if head == b"I":
-                payloads.append(b"I" + struct.pack(">I", relid) + b"N" + _tuple(row))
-            elif head == b"U":
-                payloads.append(b"U" + struct.pack(">I", relid) + b"O" + _tuple(row) + b"N" + _tuple(_inventory_row(g, 1)))
+            if kind < 6:
+                payloads.append(pgoutput.insert(relid, row))
+            elif kind < 9:
+                payloads.append(pgoutput.update(relid, row, _inventory_row(g, 1)))
             else:
-                payloads.append(b"D" + struct.pack(">I", relid) + b"O" + _tuple(row))
-        payloads.append(b"C" + struct.pack(">BQQq", 0, lsn, lsn + 48, 0))
+                payloads.append(pgoutput.delete(relid, row))
+        payloads.append(pgoutput.commit(lsn, lsn + 48))
         made += count
         xid += 1
     return DecoderStream(payloads, f"synthetic inventory stream ({rows:,} row changes)", rows)
 
 
 def load_stream(capture: Optional[str], synthetic_rows: int = 20_000) -> DecoderStream:
-    """The stream to replay: ``capture`` if given, the repository capture if present, else synthetic."""
-    from pgrepl._decode import Decoder
-    from pgrepl.capture import read_payloads
+    """The stream to replay: ``capture`` if given, else a synthetic one."""
+    from pgrepl._core import Decoder
+    from pgrepl.testing.capture import read_payloads
 
-    path = Path(capture) if capture else (REPO_CAPTURE if REPO_CAPTURE.exists() else None)
-    if path is None:
+    if not capture:
         return synthesize(synthetic_rows)
+    path = Path(capture)
     payloads = read_payloads(path)
     rows = len(Decoder(CAPTURE_TOPIC_MAP, truncate="skip").decode_batch(payloads))
     return DecoderStream(payloads, f"captured stream {path.name} ({rows:,} row changes)", rows)
@@ -130,8 +114,8 @@ def _rate(run: Callable[[], int], min_seconds: float) -> float:
 def measure(stream: DecoderStream, repeat: int, min_seconds: float = 1.0,
             progress: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
     """Interleaved rows/s samples: ``{"cython": [...], "python": [...]}``, ``repeat`` each."""
-    from pgrepl._decode import Decoder
-    from pgrepl.baseline import PyDecoder
+    from pgrepl._core import Decoder
+    from pgrepl.bench.baseline.decoder import PyDecoder
 
     batches = [stream.payloads[i:i + 1000] for i in range(0, len(stream.payloads), 1000)]
     samples: Dict[str, List[float]] = {"cython": [], "python": []}
@@ -150,4 +134,4 @@ def speedups(samples: Dict[str, List[float]]) -> List[float]:
 
 def summary_rows(samples: Dict[str, List[float]]) -> List[Tuple[str, List[float]]]:
     """Labelled samples for the report table."""
-    return [("Cython pgrepl._decode", samples["cython"]), ("pure-Python baseline", samples["python"])]
+    return [("Cython pgrepl._core", samples["cython"]), ("pure-Python baseline", samples["python"])]

@@ -5,7 +5,7 @@ engineer writes in an afternoon with the usual libraries, and it keeps the same 
 the comparison is fair:
 
 * psycopg2's ``LogicalReplicationConnection`` and its ``read_message()`` loop;
-* :class:`pgrepl.baseline.PyDecoder` to decode pgoutput (``struct``) and build the record
+* :class:`pgrepl.bench.baseline.decoder.PyDecoder` to decode pgoutput (``struct``) and build the record
   (``json.dumps``), the same bytes pgrepl produces;
 * the same confluent-kafka settings as pgrepl (idempotent, ``acks=all``, gapless, lz4), one
   ``produce()`` per row with a per-message delivery callback;
@@ -24,17 +24,17 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Mapping, Optional
+from typing import Any, Callable, Deque, Mapping, Optional
 
 import psycopg2
 import psycopg2.extras
 from confluent_kafka import KafkaError, Message
 from confluent_kafka import Producer as KafkaProducer
 
-from pgrepl.baseline import PyBegin, PyCommit, PyDecoder, PyRecord
+from pgrepl.bench.baseline.decoder import PyBegin, PyCommit, PyDecoder, PyRecord
 from pgrepl.errors import DeliveryError
-from pgrepl.postgres import redact_dsn
-from pgrepl.producer import DEFAULT_KAFKA_CONFIG, REQUIRED_KAFKA_CONFIG
+from pgrepl.postgres.connect import redact_dsn
+from pgrepl.producer.output import producer_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ class BaselineProducer:
         self.topic_map = dict(topic_map)
         self.feedback_interval = feedback_interval
         self.on_delivered = on_delivered
-        settings: Dict[str, Any] = dict(DEFAULT_KAFKA_CONFIG)
-        settings.update(kafka_config or {})
-        settings.update(REQUIRED_KAFKA_CONFIG)
-        settings["bootstrap.servers"] = brokers
-        settings.setdefault("logger", logging.getLogger("pgrepl.kafka"))
-        self.kafka_config = settings
+        self.kafka_config = producer_settings(kafka_config or {}, brokers)  # the same settings as pgrepl's
         self.stats = BaselineStats()
         self._stop = threading.Event()
 

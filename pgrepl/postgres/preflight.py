@@ -1,90 +1,18 @@
-"""PostgreSQL side of the producer: connections, preflight checks, the replication slot.
+"""Preflight checks: the server, the publication and the topic map must fit before streaming starts.
 
-Every check that can fail raises ``ConfigError`` with one line that says what to change.
-Identifiers only ever reach SQL as bound parameters, or quoted by ``quote_ident``.
+Each failed check raises ``ConfigError`` with one line saying what to change.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
-import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 
-from pgrepl.errors import ConfigError, first_line
-from pgrepl.lsn import parse_lsn
+from pgrepl.errors import ConfigError
+from pgrepl.postgres.connect import quote_ident
 from pgrepl.topics import TopicInfo
-
-log = logging.getLogger(__name__)
-
-_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
-
-# libpq errors that retrying will not fix: the user must change the DSN or the server's setup.
-_PERMANENT_CONNECT_ERRORS = (
-    "password authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",
-    "invalid dsn",
-    "invalid connection option",
-    "missing \"=\"",
-    "is not permitted to log in",
-    "must be superuser or replication role",
-    "permission denied",
-)
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``: safe for logs and error messages."""
-    redacted = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", redacted, flags=re.IGNORECASE)
-
-
-def is_permanent_connect_error(exc: Exception) -> bool:
-    """True when a connection error will not go away by retrying (bad password, unknown db...)."""
-    text = str(exc).lower()
-    return any(marker in text for marker in _PERMANENT_CONNECT_ERRORS)
-
-
-def connect(dsn: str, *, replication: bool = False, application_name: str = "pgrepl") -> psycopg2.extensions.connection:
-    """Open a connection (a logical replication connection when ``replication``).
-
-    A failure that retrying cannot fix becomes ``ConfigError``; others stay
-    ``psycopg2.OperationalError`` for the caller's retry loop. Neither carries the password.
-    """
-    kwargs: Dict[str, object] = {"application_name": application_name}
-    if replication:
-        kwargs["connection_factory"] = psycopg2.extras.LogicalReplicationConnection
-    try:
-        conn = psycopg2.connect(dsn, **kwargs)
-    except psycopg2.ProgrammingError as exc:  # malformed DSN
-        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {str(exc).strip()}") from None
-    except psycopg2.OperationalError as exc:
-        reason = first_line(exc)
-        if is_permanent_connect_error(exc):
-            raise ConfigError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
-        raise psycopg2.OperationalError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
-    if not replication:
-        conn.autocommit = True
-    return conn
-
-
-def quote_ident(name: str) -> str:
-    """A SQL identifier in double quotes, inner quotes doubled (never interpolate raw names)."""
-    if "\x00" in name:
-        raise ConfigError(f"identifier contains a NUL byte: {name!r}")
-    return '"' + name.replace('"', '""') + '"'
-
-
-def validate_slot_name(slot: str) -> None:
-    """PostgreSQL's own rule for slot names: 1-63 chars of lower-case letters, digits and '_'."""
-    if not isinstance(slot, str) or not _SLOT_NAME.match(slot):
-        raise ConfigError(
-            f"invalid replication slot name {slot!r}: use 1-63 lower-case letters, digits and underscores")
 
 
 @dataclass(frozen=True)
@@ -109,18 +37,6 @@ class Publication:
     name: str
     publishes: Tuple[str, ...]  # of "insert", "update", "delete", "truncate"
     tables: Tuple[PublishedTable, ...]
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    """An existing replication slot as pg_replication_slots describes it."""
-
-    name: str
-    plugin: Optional[str]
-    slot_type: str
-    database: Optional[str]
-    active_pid: Optional[int]
-    confirmed_flush_lsn: Optional[int]
 
 
 def check_server(conn: psycopg2.extensions.connection) -> None:
@@ -243,89 +159,3 @@ def check_publication(publication: Publication, topic_map: Dict[str, TopicInfo])
         raise ConfigError(
             f"topic-map tables {unmatched} are not in publication {publication.name!r}; add them: "
             f"ALTER PUBLICATION {quote_ident(publication.name)} ADD TABLE ... (or remove them from the topic map)")
-
-
-def get_slot(conn: psycopg2.extensions.connection, slot: str) -> Optional[SlotInfo]:
-    """The slot as pg_replication_slots shows it, or None."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT slot_name, plugin, slot_type, database, active_pid, confirmed_flush_lsn::text "
-            "FROM pg_replication_slots WHERE slot_name = %s",
-            (slot,))
-        row = cur.fetchone()
-    if row is None:
-        return None
-    name, plugin, slot_type, database, active_pid, confirmed = row
-    return SlotInfo(name, plugin, slot_type, database, active_pid, parse_lsn(confirmed) if confirmed else None)
-
-
-def ensure_slot(conn: psycopg2.extensions.connection, slot: str, *, terminate_active: bool = True,
-                wait_seconds: float = 10.0) -> SlotInfo:
-    """Create the pgoutput slot when missing; check an existing one; free it from a stale holder.
-
-    Another backend streaming from the slot (usually an earlier run that did not exit
-    cleanly) is terminated, as the original library does, and logged.
-    """
-    validate_slot_name(slot)
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_database()")
-        (database,) = cur.fetchone()
-    info = get_slot(conn, slot)
-    if info is None:
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                (lsn,) = cur.fetchone()
-        except psycopg2.errors.DuplicateObject:
-            pass  # created concurrently by another producer: fall through to the checks
-        except psycopg2.Error as exc:
-            raise ConfigError(f"cannot create replication slot {slot!r}: {first_line(exc)}") from None
-        else:
-            log.info("created logical replication slot %s (pgoutput) at %s", slot, lsn)
-        info = get_slot(conn, slot)
-        assert info is not None
-    if info.slot_type != "logical" or info.plugin != "pgoutput":
-        raise ConfigError(
-            f"replication slot {slot!r} exists but is {info.slot_type} with plugin {info.plugin!r}; "
-            "pgrepl needs a logical pgoutput slot: choose another slot name or drop this one")
-    if info.database != database:
-        raise ConfigError(
-            f"replication slot {slot!r} belongs to database {info.database!r}, not {database!r}; "
-            "connect to that database or choose another slot name")
-    if info.active_pid is not None and terminate_active:
-        log.warning("replication slot %s is in use by backend pid %d; terminating it", slot, info.active_pid)
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            info = get_slot(conn, slot)
-            assert info is not None
-            if info.active_pid is None:
-                break
-            if time.monotonic() > deadline:
-                raise ConfigError(f"replication slot {slot!r} is still in use by backend pid {info.active_pid}")
-            time.sleep(0.1)
-    return info
-
-
-def drop_slot(conn: psycopg2.extensions.connection, slot: str) -> bool:
-    """Drop a slot if it exists (terminating its holder first); True when one was dropped."""
-    info = get_slot(conn, slot)
-    if info is None:
-        return False
-    with conn.cursor() as cur:
-        if info.active_pid is not None:
-            cur.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                current = get_slot(conn, slot)
-                if current is None or current.active_pid is None:
-                    break
-                time.sleep(0.05)
-        cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    return True
-
-
-def publication_option(name: str) -> str:
-    """The ``publication_names`` option value: pgoutput splits it as an identifier list."""
-    return quote_ident(name)

@@ -1,8 +1,11 @@
-"""Type stubs for the compiled pgoutput decoder (pgrepl/_decode.pyx)."""
+"""Type stubs for the compiled hot path (pgrepl/_core/core.pyx and its .pxi units)."""
 
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 from pgrepl.topics import TopicInfo
+
+_Op = TypeVar("_Op")
+_Row = Tuple[Optional[str], ...]
 
 class Record:
     """One row change ready for Kafka."""
@@ -41,7 +44,7 @@ class Commit:
     def record_end(self) -> int: ...
 
 class Batch:
-    """Records (parallel lists) and commits produced by one ``decode_batch`` call."""
+    """Records (parallel lists) and commits produced by one ``decode_batch`` or ``read`` call."""
 
     topics: List[str]
     keys: List[Optional[bytes]]
@@ -50,6 +53,7 @@ class Batch:
     commits: List[Commit]
     markers: List[int]
     begins: List[int]
+    begin_starts: List[int]
     def __len__(self) -> int: ...
 
 class Relation:
@@ -89,6 +93,31 @@ class Decoder:
     def decode(self, payload: bytes) -> Union[Record, Begin, Commit, None]: ...
     def decode_batch(self, payloads: Sequence[bytes]) -> Batch: ...
 
+class ReplicationStream:
+    """Reads a walsender CopyBoth stream straight into a ``Decoder``."""
+
+    def __init__(self, conn: Any) -> None: ...
+    @property
+    def last_wal_end(self) -> int: ...
+    @property
+    def last_data_start(self) -> int: ...
+    @property
+    def reply_requested(self) -> bool: ...
+    @property
+    def would_block(self) -> bool: ...
+    @property
+    def ended(self) -> bool: ...
+    @property
+    def messages(self) -> int: ...
+    @property
+    def bytes_received(self) -> int: ...
+    def fileno(self) -> int: ...
+    def read(self, decoder: Decoder, max_messages: int = ..., max_bytes: int = ...) -> Batch: ...
+    def send_feedback(self, write_lsn: int, flush_lsn: int, apply_lsn: int = ..., reply: bool = ...) -> None: ...
+
 def escape_json_string(text: Union[str, bytes]) -> bytes: ...
 def key_partition(key: bytes, partition_count: int) -> int: ...
-def parse_op_fast(value: bytes) -> Optional[Any]: ...
+def parse_canonical(
+    value: Any,
+    build: Callable[[str, Tuple[str, ...], int, int, str, Optional[_Row], Optional[_Row]], _Op],
+) -> Optional[_Op]: ...

@@ -5,12 +5,12 @@ repeat, *then* makes the changes, so every reader streams exactly the same WAL:
 
 1. ``pg_recvlogical`` (pgoutput, same publication) to /dev/null -- the walsender's ceiling;
 2. pgrepl's producer into Kafka, until every record is delivered and the slot confirmed;
-3. a pure-Python baseline producer (``pgrepl.baseline_producer``) doing the same job.
+3. a pure-Python baseline producer (``pgrepl.bench.baseline.producer``) doing the same job.
 
 Each reader runs in its own child process, so its CPU (user+sys, all threads) and peak RSS
 are its own. Everything it creates is named ``pgrepl_bench_<run id>_*`` and dropped at the
 end, on error, Ctrl-C and SIGTERM. With no ``--dsn``/``--brokers`` it starts a throwaway
-PostgreSQL and Kafka-protocol broker (``pgrepl.sandbox``) itself.
+PostgreSQL and Kafka-protocol broker (``pgrepl.testing``) itself.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pgrepl._version import __version__
-from pgrepl.bench_workloads import LATENCY_COLUMNS, LATENCY_STAMP_COLUMN, TX_MODES, WORKLOADS, Workload
+from pgrepl.bench.workloads import LATENCY_COLUMNS, LATENCY_STAMP_COLUMN, TX_MODES, WORKLOADS, Workload
 from pgrepl.errors import ConfigError, PgreplError
 
 log = logging.getLogger("pgrepl.bench")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--decoder-only", action="store_true",
                       help="only replay a captured pgoutput stream through the Cython and pure-Python "
                            "decoders (no PostgreSQL or Kafka needed)")
-    what.add_argument("--capture", metavar="FILE", help="capture file for the decoder figures (pgrepl.capture "
+    what.add_argument("--capture", metavar="FILE", help="capture file for the decoder figures (pgrepl.testing.capture "
                                                         "format; default: the repository's, else synthetic)")
     what.add_argument("--no-decoder", action="store_true", help="skip the decoder figures in a full run")
     what.add_argument("--quick", action="store_true",
@@ -180,7 +180,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def redacted_command(argv: Sequence[str]) -> str:
     """The command line with any DSN password hidden (it goes into reports and logs)."""
-    from pgrepl.postgres import redact_dsn
+    from pgrepl.postgres.connect import redact_dsn
 
     out: List[str] = []
     hide_next = False
@@ -299,7 +299,7 @@ def find_pg_recvlogical(explicit: Optional[str], bindir: Optional[str]) -> str:
     candidates.append(shutil.which("pg_recvlogical"))
     if not explicit:
         with contextlib.suppress(ConfigError):
-            from pgrepl.sandbox import find_pg_bindir
+            from pgrepl.testing import find_pg_bindir
 
             candidates.append(os.path.join(find_pg_bindir(), "pg_recvlogical"))
     for path in candidates:
@@ -400,7 +400,7 @@ class Bench:
     def start_worker(self, reader: str, slot: str, publication: str, topic_map: Dict[str, Any],
                      target: Optional[str], expected: Optional[int], *, latency: bool = False,
                      extra: Optional[Dict[str, Any]] = None) -> Tuple["subprocess.Popen[Any]", "queue.Queue[Dict[str, Any]]"]:
-        """Start ``python -m pgrepl.bench_worker`` for ``reader``; events arrive on the queue."""
+        """Start ``python -m pgrepl.bench.worker`` for ``reader``; events arrive on the queue."""
         spec: Dict[str, Any] = {
             "reader": reader, "dsn": self.dsn, "brokers": self.brokers, "slot": slot, "publication": publication,
             "topic_map": topic_map, "target_lsn": _lsn_int(target) if target else None, "expected": expected,
@@ -410,7 +410,7 @@ class Bench:
             spec["latency_column"] = LATENCY_STAMP_COLUMN
         spec.update(extra or {})
         logf = self._log_file(slot)
-        proc = self.resources.spawn([sys.executable, "-m", "pgrepl.bench_worker"], stdin=subprocess.PIPE,
+        proc = self.resources.spawn([sys.executable, "-m", "pgrepl.bench.worker"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=logf, env=self._worker_env(), text=True)
         logf.close()
         assert proc.stdin is not None and proc.stdout is not None
@@ -488,8 +488,8 @@ class Bench:
 
     def run_case(self, case_no: int, workload: Workload, tx_mode: str) -> Dict[str, Any]:
         """One workload in one transaction shape: rounds of (tables, slots, changes, readers)."""
-        from pgrepl.bench_report import summarize_case
-        from pgrepl.bench_workloads import create_table_sql, generate, preload
+        from pgrepl.bench.report import summarize_case
+        from pgrepl.bench.workloads import create_table_sql, generate, preload
 
         args = self.args
         readers = args.readers
@@ -560,8 +560,8 @@ class Bench:
 
     def run_latency(self) -> Dict[str, Any]:
         """Commit-to-delivery latency of each Kafka reader on a low-rate workload."""
-        from pgrepl.bench_report import Figure, percentile
-        from pgrepl.bench_workloads import create_table_sql, generate_latency_rows
+        from pgrepl.bench.report import Figure, percentile
+        from pgrepl.bench.workloads import create_table_sql, generate_latency_rows
 
         args = self.args
         table = f"{self.prefix}latency"
@@ -629,7 +629,7 @@ class Bench:
         """Consumer throughput over the topic the last pgrepl producer run filled."""
         import importlib.util
 
-        from pgrepl.bench_report import Figure
+        from pgrepl.bench.report import Figure
 
         topic = case.get("consumer_topic")
         base = {"workload": case["workload"], "tx_mode": case["tx_mode"]}
@@ -721,8 +721,8 @@ def _pg_version(resources: Any) -> str:
 
 def run_decoder(args: argparse.Namespace, ui: Ui) -> Dict[str, Any]:
     """Decoder figures (no services): rows/s, ns/row and speed-up, median of ``--repeat``."""
-    from pgrepl import bench_decoder
-    from pgrepl.bench_report import Figure
+    from pgrepl.bench import decoder as bench_decoder
+    from pgrepl.bench.report import Figure
 
     stream = bench_decoder.load_stream(args.capture)
     ui.step(f"decoder-only: {stream.source}", None)
@@ -753,8 +753,8 @@ def _total_steps(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], int]:
     """Run the benchmark the arguments describe; returns (report, failures)."""
-    from pgrepl.bench_report import machine_description
-    from pgrepl.bench_resources import BenchResources, new_run_prefix
+    from pgrepl.bench.report import machine_description
+    from pgrepl.bench.resources import BenchResources, new_run_prefix
 
     report: Dict[str, Any] = {
         "pgrepl_bench": __version__,
@@ -775,7 +775,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], 
     with contextlib.ExitStack() as stack:
         dsn, brokers, bindir = args.dsn, args.brokers, None
         if not dsn or not brokers:
-            from pgrepl.sandbox import LocalBroker, LocalPostgres
+            from pgrepl.testing import LocalBroker, LocalPostgres
 
             slots_needed = 3 * len(READERS) * args.repeat + 10
             if not dsn:
@@ -785,7 +785,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], 
                 stack.callback(pg.stop)
                 pg.start()
                 dsn, bindir = pg.dsn, pg.bindir
-                report["config"]["postgres"] = "throwaway local server (pgrepl.sandbox: fsync off, synchronous_commit off)"
+                report["config"]["postgres"] = "throwaway local server (pgrepl.testing: fsync off, synchronous_commit off)"
             if not brokers:
                 sys.stderr.write("pgrepl-bench: starting a throwaway Kafka-protocol broker (tansu, in memory) ...\n")
                 broker = LocalBroker()
@@ -793,9 +793,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], 
                 broker.start()
                 brokers = broker.bootstrap
                 report["config"]["kafka"] = "throwaway local broker (tansu, in-memory storage)"
-        from pgrepl import postgres
+        from pgrepl.postgres import preflight
+        from pgrepl.postgres.connect import redact_dsn
 
-        report["config"].setdefault("postgres", postgres.redact_dsn(dsn))
+        report["config"].setdefault("postgres", redact_dsn(dsn))
         report["config"].setdefault("kafka", brokers)
         recvlogical = find_pg_recvlogical(args.pg_recvlogical, bindir) if "recvlogical" in args.readers else None
         log_dir = tempfile.mkdtemp(prefix="pgrepl-bench-")
@@ -803,7 +804,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], 
         try:
             with ui:
                 conn = resources.conn
-                postgres.check_server(conn)
+                preflight.check_server(conn)
                 report["machine"] = machine_description(_pg_version(resources))
                 bench = Bench(args, dsn, brokers, recvlogical, resources, ui, log_dir)
                 report["cases"] = []
@@ -842,7 +843,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with _interrupts_raise():
             if args.drop_leftovers:
-                from pgrepl.bench_resources import drop_leftovers, find_leftovers
+                from pgrepl.bench.resources import drop_leftovers, find_leftovers
 
                 leftovers = find_leftovers(args.dsn)
                 names = [f"{kind} {name}" for kind, names in leftovers.items() for name in names]
@@ -864,7 +865,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         sys.stderr.write(f"pgrepl-bench: failed: {type(exc).__name__}: {first_line} (--log-level DEBUG for details)\n")
         return 1
-    from pgrepl.bench_report import print_report, write_json, write_plot
+    from pgrepl.bench.report import print_report, write_json, write_plot
 
     print_report(report, sys.stdout, markdown=args.markdown)
     if args.json:

@@ -176,7 +176,7 @@ def decoder_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
     decoder = report.get("decoder") or {}
     header = ["decoder", "rows/s", "ns/row"]
     rows = []
-    for label, key in (("Cython pgrepl._decode", "cython"), ("pure-Python baseline", "python")):
+    for label, key in (("Cython pgrepl._core", "cython"), ("pure-Python baseline", "python")):
         entry = decoder.get(key)
         if entry:
             rows.append([label, _fmt(entry["rows_per_s"], ",.0f"), _fmt(entry["ns_per_row"], ",.0f")])

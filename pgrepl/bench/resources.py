@@ -18,15 +18,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import psycopg2
-import psycopg2.errors
 
-from pgrepl import postgres
-from pgrepl.bench_workloads import PREFIX
+from pgrepl.postgres.connect import connect, quote_ident
+from pgrepl.postgres.slot import drop_slot
+from pgrepl.bench.workloads import PREFIX
 from pgrepl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,7 +76,7 @@ class BenchResources:
     def conn(self) -> Any:
         """An autocommit connection for DDL and slot management (reopened if it broke)."""
         if self._conn is None or self._conn.closed:
-            self._conn = postgres.connect(self.dsn, application_name="pgrepl-bench")
+            self._conn = connect(self.dsn, application_name="pgrepl-bench")
         return self._conn
 
     @property
@@ -112,9 +110,9 @@ class BenchResources:
     def create_publication(self, name: str, tables: Sequence[str]) -> None:
         """CREATE PUBLICATION for our own tables only."""
         self.owned(name)
-        listed = ", ".join(postgres.quote_ident(self.owned(t)) for t in tables)
+        listed = ", ".join(quote_ident(self.owned(t)) for t in tables)
         with self.conn.cursor() as cur:
-            cur.execute(f"CREATE PUBLICATION {postgres.quote_ident(name)} FOR TABLE {listed}")
+            cur.execute(f"CREATE PUBLICATION {quote_ident(name)} FOR TABLE {listed}")
         self.publications.append(name)
 
     def create_slot(self, name: str) -> str:
@@ -142,43 +140,21 @@ class BenchResources:
 
     def drop_slot(self, name: str, timeout: float = 15.0) -> None:
         """Drop our slot: wait briefly for its walsender to go, terminate it if it lingers."""
-        self.owned(name)
-        deadline = time.monotonic() + timeout
-        terminated = False
-        with self.conn.cursor() as cur:
-            while True:
-                cur.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,))
-                row = cur.fetchone()
-                if row is None:
-                    break
-                if row[0] is None:
-                    try:
-                        cur.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                        break
-                    except psycopg2.errors.ObjectInUse:
-                        pass
-                    except psycopg2.errors.UndefinedObject:
-                        break
-                elif not terminated and time.monotonic() > deadline - timeout + 1.0:
-                    cur.execute("SELECT pg_terminate_backend(%s)", (row[0],))
-                    terminated = True
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"replication slot {name} still in use after {timeout:.0f} s")
-                time.sleep(0.05)
+        drop_slot(self.conn, self.owned(name), timeout=timeout)
         with contextlib.suppress(ValueError):
             self.slots.remove(name)
 
     def drop_publication(self, name: str) -> None:
         """DROP PUBLICATION IF EXISTS (ours only)."""
         with self.conn.cursor() as cur:
-            cur.execute(f"DROP PUBLICATION IF EXISTS {postgres.quote_ident(self.owned(name))}")
+            cur.execute(f"DROP PUBLICATION IF EXISTS {quote_ident(self.owned(name))}")
         with contextlib.suppress(ValueError):
             self.publications.remove(name)
 
     def drop_table(self, name: str) -> None:
         """DROP TABLE IF EXISTS (ours only)."""
         with self.conn.cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS {postgres.quote_ident(self.owned(name))}")
+            cur.execute(f"DROP TABLE IF EXISTS {quote_ident(self.owned(name))}")
         with contextlib.suppress(ValueError):
             self.tables.remove(name)
 
@@ -278,7 +254,7 @@ def find_leftovers(dsn: str) -> Dict[str, List[str]]:
 
     A run that still has an active slot is running somewhere: its objects are left out.
     """
-    conn = postgres.connect(dsn, application_name="pgrepl-bench")
+    conn = connect(dsn, application_name="pgrepl-bench")
     pattern = PREFIX.replace("_", r"\_") + "%"
     try:
         with conn.cursor() as cur:

@@ -2,7 +2,7 @@
 
 This is what a user would write themselves with :mod:`struct` and :func:`json.dumps`. It is
 kept in the package for two reasons: it is the speed baseline the Cython decoder
-(``pgrepl._decode``) is benchmarked against, and it is an independent reference
+(``pgrepl._core``) is benchmarked against, and it is an independent reference
 implementation for differential tests. It therefore favours clarity over speed (no tricks),
 but it does not go out of its way to be slow either.
 

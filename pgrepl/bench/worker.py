@@ -1,4 +1,4 @@
-"""One reader of ``pgrepl-bench`` in its own process: ``python -m pgrepl.bench_worker``.
+"""One reader of ``pgrepl-bench`` in its own process: ``python -m pgrepl.bench.worker``.
 
 Running each reader in a child process makes its CPU time (user+sys, every thread, including
 librdkafka's) and its peak RSS its own. The parent writes a JSON spec as the first line of
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, TextIO
 
 import orjson
 
-log = logging.getLogger("pgrepl.bench_worker")
+log = logging.getLogger("pgrepl.bench.worker")
 
 
 class _Emitter:
@@ -67,16 +67,14 @@ class LatencyRecorder:
         self.samples.append(now - int(row[index]) / 1e6)
 
 
-def _install_latency_producer(recorder: LatencyRecorder) -> None:
-    """Make pgrepl's producer (in this process only) report every delivery to ``recorder``.
+def stamping_kafka_factory(recorder: LatencyRecorder) -> Any:
+    """A ``kafka_factory`` for pgrepl's producer that reports every delivery to ``recorder``.
 
     pgrepl asks for delivery reports only on the last record per partition of each batch; a
     thin subclass of confluent-kafka's Producer adds a callback to every record, which is
     what measuring every record's delivery needs. It is only used for the latency run.
     """
     import confluent_kafka
-
-    import pgrepl.producer
 
     class _StampingProducer(confluent_kafka.Producer):
         def produce(self, topic: str, value: Any = None, key: Any = None,  # type: ignore[override]
@@ -91,7 +89,7 @@ def _install_latency_producer(recorder: LatencyRecorder) -> None:
 
             super().produce(topic, value, key, partition, on_delivery=report, **kwargs)
 
-    setattr(pgrepl.producer, "KafkaProducer", _StampingProducer)
+    return _StampingProducer
 
 
 def _cpu() -> Dict[str, float]:
@@ -107,7 +105,7 @@ def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-    from pgrepl.ops import ReplicationOp
+    from pgrepl.model import ReplicationOp
 
     topic, expected = spec["topic"], int(spec["expected"])
     consumer = Consumer({"bootstrap.servers": spec["brokers"], "group.id": spec["group"], "enable.auto.commit": False,
@@ -237,15 +235,14 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
 
     producer: Any
     if reader == "pgrepl":
-        if recorder is not None:
-            _install_latency_producer(recorder)
         from pgrepl.producer import Producer
 
         producer = Producer(spec["dsn"], spec["brokers"], spec["slot"], spec["publication"], spec["topic_map"],
                             kafka_config, feedback_interval=feedback_interval, status_interval=3600.0,
-                            handle_signals=True)
+                            handle_signals=True,
+                            kafka_factory=stamping_kafka_factory(recorder) if recorder is not None else None)
     elif reader == "baseline":
-        from pgrepl.baseline_producer import BaselineProducer
+        from pgrepl.bench.baseline.producer import BaselineProducer
 
         hook = (lambda msg: recorder.record(msg.value())) if recorder is not None else None
         producer = BaselineProducer(spec["dsn"], spec["brokers"], spec["slot"], spec["publication"],
@@ -321,7 +318,7 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     line = sys.stdin.readline()
     if not line:
-        print("pgrepl.bench_worker: expected a JSON spec on stdin", file=sys.stderr)
+        print("pgrepl.bench.worker: expected a JSON spec on stdin", file=sys.stderr)
         return 2
     spec = json.loads(line)
     emit = _Emitter(sys.stdout)

@@ -1,4 +1,8 @@
-"""Builds pgoutput protocol-v1 messages by hand, for unit tests, fuzzing and benchmarks."""
+"""Builds pgoutput protocol-v1 messages by hand, byte for byte as PostgreSQL sends them.
+
+For unit tests, fuzzing and the decoder benchmark: ``begin``, ``relation``, ``insert``,
+``update``, ``delete``, ``commit``... each return one message's payload.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +32,15 @@ def relation(
     columns: Sequence[str],
     replica_identity: str = "f",
     key_columns: Iterable[str] = (),
-    type_oid: int = 25,
+    type_oid: Union[int, Sequence[int]] = 25,
 ) -> bytes:
+    """A Relation message; ``type_oid`` is one OID for every column or one per column."""
     keys = set(key_columns)
+    oids = [type_oid] * len(columns) if isinstance(type_oid, int) else list(type_oid)
     out = [b"R", struct.pack(">I", relid), _cstr(schema), _cstr(name),
            replica_identity.encode(), struct.pack(">H", len(columns))]
-    for col in columns:
-        out += [struct.pack(">B", 1 if col in keys else 0), _cstr(col), struct.pack(">Ii", type_oid, -1)]
+    for col, oid in zip(columns, oids):
+        out += [struct.pack(">B", 1 if col in keys else 0), _cstr(col), struct.pack(">Ii", oid, -1)]
     return b"".join(out)
 
 

@@ -22,16 +22,7 @@ Offsets: ``enable.auto.commit=true`` with ``enable.auto.offset.store=false``; pg
 ``store_offsets`` after success, librdkafka commits the stored offsets periodically, and
 pgrepl commits synchronously when partitions are revoked and on ``stop()``.
 
-State table (idempotent mode; created if missing, name from ``state_table``)::
-
-    CREATE TABLE pgrepl_consumer_state (
-        group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL,
-        lsn pg_lsn NOT NULL, seq_id bigint NOT NULL,   -- last applied (lsn, seq_id)
-        kafka_offset bigint,                           -- offset of that op (informational)
-        updated_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (group_id, topic, partition))
-
-The lock is ``pg_advisory_xact_lock(hashtext(group_id || E'\\x1f' || topic), partition)``.
+The state table and the lock are described in ``pgrepl.sink.postgres``.
 
 Broker notes (tansu 0.6, the sandbox's Kafka-protocol broker; the code follows Apache Kafka's
 documented semantics and only its defaults take these into account):
@@ -62,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,40 +60,29 @@ from typing import (
     Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union,
 )
 
-import orjson
 import psycopg2
 import psycopg2.extensions
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer as KafkaProducer
-from psycopg2 import sql
 
-from pgrepl import postgres
-from pgrepl._decode import parse_op_fast
-from pgrepl._lifecycle import install_stop_handlers, run_in_thread
-from pgrepl.errors import ConfigError, MalformedRecordError, PgreplError, first_line
+from pgrepl import kafka_settings
+from pgrepl._runtime import Waker, install_stop_handlers, run_in_thread
+from pgrepl.errors import ConfigError, ConsumerError, HandlerError, MalformedRecordError, PgreplError, first_line
 from pgrepl.lsn import format_lsn, parse_lsn
-from pgrepl.ops import Op, ReplicationOp
+from pgrepl.model import ReplicationOp
+from pgrepl.postgres.connect import redact_dsn
+from pgrepl.sink.postgres import DEFAULT_STATE_TABLE, PostgresSink, parse_table_name
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Consumer",
-    "ConsumerError",
-    "ConsumerStats",
-    "HandlerError",
-    "DEFAULT_STATE_TABLE",
-    "parse_record",
-]
+__all__ = ["Consumer", "ConsumerStats"]
 
 #: Handler signatures.
 Handler = Callable[[ReplicationOp], Any]
 BatchHandler = Callable[[List[ReplicationOp]], Any]
 TxHandler = Callable[[Any, ReplicationOp], Any]
 BatchTxHandler = Callable[[Any, List[ReplicationOp]], Any]
-
-#: Default name of the idempotent mode's state table in the sink database.
-DEFAULT_STATE_TABLE = "pgrepl_consumer_state"
 
 #: librdkafka settings the delivery guarantees rest on: pgrepl stores offsets itself.
 REQUIRED_KAFKA_CONFIG: Dict[str, Any] = {
@@ -121,41 +100,9 @@ DEFAULT_KAFKA_CONFIG: Dict[str, Any] = {
     "max.partition.fetch.bytes": 4 * 1024 * 1024,
 }
 
-#: Keys set through the constructor's own arguments.
-_OWNED_KEYS = ("group.id", "bootstrap.servers", "enable.auto.commit")
-
-#: kafka_config keys that also apply to the dead-letter producer (connection and security).
-_SHARED_PREFIXES = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "metadata.",
-                    "reconnect.", "api.version", "retry.backoff", "connections.", "log.", "debug",
-                    "client.dns.lookup", "resolve.")
-
 _POLICIES = ("retry", "stop", "dead_letter")
 
 _TOPIC_ERRORS_LOGGED_EVERY = 60.0
-
-
-class ConsumerError(PgreplError):
-    """The consumer stopped on an error it cannot get past by itself (Kafka fatal error, policy stop)."""
-
-
-class HandlerError(ConsumerError):
-    """A record could not be handled and the error policy said stop (or the dead-letter send failed).
-
-    ``topic``, ``partition`` and ``offset`` locate the record; ``lsn`` and ``seq_id`` are the
-    op's position when the record parsed. The original exception is ``__cause__``.
-    """
-
-    def __init__(self, message: str, topic: str = "", partition: int = -1, offset: int = -1,
-                 lsn: Optional[int] = None, seq_id: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.lsn = lsn
-        self.seq_id = seq_id
-
-    def __reduce__(self) -> Tuple[Any, ...]:  # keep attributes across pickling
-        return (type(self), (str(self), self.topic, self.partition, self.offset, self.lsn, self.seq_id))
 
 
 @dataclass
@@ -172,142 +119,6 @@ class ConsumerStats:
     records: int = 0          # records taken from Kafka (handled, skipped or failed)
     started_at: float = field(default_factory=time.monotonic)
 
-
-# ------------------------------------------------------------------------------------------
-# Parsing
-# ------------------------------------------------------------------------------------------
-
-_loads = orjson.loads
-_parse_canonical = parse_op_fast
-_new = object.__new__
-#: table_name -> (col_names as parsed, the same as a tuple): the last validated columns per table.
-_col_cache: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {}
-
-
-def _is_row(row: Any, width: int) -> bool:
-    """True when ``row`` is a list of ``width`` strings and nulls (fast path first)."""
-    if type(row) is not list or len(row) != width:
-        return False
-    if None in row:
-        for value in row:
-            if value is not None and type(value) is not str:
-                return False
-        return True
-    try:
-        "".join(row)  # TypeError unless every value is a str: cheaper than a Python loop
-    except TypeError:
-        return False
-    return True
-
-
-def parse_record(value: Optional[bytes]) -> ReplicationOp:
-    """Parse a record value into a ReplicationOp; ``MalformedRecordError`` says why it is not one.
-
-    Same result and same acceptance as ``ReplicationOp.from_json`` (which it falls back to
-    for anything unusual, so errors carry its exact message), but faster on valid records:
-    this is the consumer's hot path, so it builds the objects directly.
-    """
-    if value is None:
-        raise MalformedRecordError("the record has no value (a tombstone), not a ReplicationOp")
-    fast = _parse_canonical(value)  # C parser for the layout the producer writes
-    if fast is not None:
-        return fast
-    try:
-        obj = _loads(value)
-        table_name = obj["table_name"]
-        col_names = obj["col_names"]
-        lsn = obj["lsn"]
-        seq_id = obj["seq_id"]
-        op_obj = obj["op"]
-        (kind,) = op_obj
-        payload = op_obj[kind]
-        cached = _col_cache.get(table_name)
-    except Exception:
-        return ReplicationOp.from_json(value)  # raises the precise MalformedRecordError
-    if (type(obj) is not dict or len(obj) != 5 or type(op_obj) is not dict or type(table_name) is not str
-            or type(lsn) is not int or type(seq_id) is not int or lsn < 0 or seq_id < 0):
-        return ReplicationOp.from_dict(obj)
-    if cached is not None and cached[0] == col_names and type(col_names) is list:
-        cols = cached[1]
-    else:
-        if type(col_names) is not list or not all(type(c) is str for c in col_names):
-            return ReplicationOp.from_dict(obj)
-        if len(_col_cache) > 4096:
-            _col_cache.clear()
-        cols = tuple(col_names)
-        _col_cache[table_name] = (col_names, cols)
-    width = len(cols)
-    op = _new(Op)
-    if kind == "Insert":
-        if type(payload) is not list or len(payload) != width:
-            return ReplicationOp.from_dict(obj)
-        if None in payload:
-            for item in payload:
-                if item is not None and type(item) is not str:
-                    return ReplicationOp.from_dict(obj)
-        else:
-            try:
-                "".join(payload)
-            except TypeError:
-                return ReplicationOp.from_dict(obj)
-        op.kind = "Insert"
-        op.old = None
-        op.new = tuple(payload)
-    elif kind == "Update":
-        if type(payload) is not list or len(payload) != 2 or not _is_row(payload[0], width) \
-                or not _is_row(payload[1], width):
-            return ReplicationOp.from_dict(obj)
-        op.kind = "Update"
-        op.old = tuple(payload[0])
-        op.new = tuple(payload[1])
-    elif kind == "Delete":
-        if not _is_row(payload, width):
-            return ReplicationOp.from_dict(obj)
-        op.kind = "Delete"
-        op.old = tuple(payload)
-        op.new = None
-    else:
-        return ReplicationOp.from_dict(obj)
-    rop = _new(ReplicationOp)
-    rop.table_name = table_name
-    rop.col_names = cols
-    rop.lsn = lsn
-    rop.seq_id = seq_id
-    rop.op = op
-    return rop
-
-
-def parse_state_table(name: str) -> Tuple[str, ...]:
-    """Split ``table`` or ``schema.table`` into identifier parts (quoted parts may hold dots)."""
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError("state_table must be a table name, optionally schema-qualified")
-    parts: List[str] = []
-    current = ""
-    quoted = False
-    i = 0
-    while i < len(name):
-        ch = name[i]
-        if quoted:
-            if ch == '"':
-                if i + 1 < len(name) and name[i + 1] == '"':
-                    current += '"'
-                    i += 1
-                else:
-                    quoted = False
-            else:
-                current += ch
-        elif ch == '"':
-            quoted = True
-        elif ch == ".":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-        i += 1
-    parts.append(current)
-    if quoted or len(parts) > 2 or any(not p for p in parts) or any("\x00" in p for p in parts):
-        raise ConfigError(f"invalid state_table {name!r}: use 'table' or 'schema.table'")
-    return tuple(parts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -374,111 +185,6 @@ class _Fatal(Exception):
     def __init__(self, error: PgreplError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-# ------------------------------------------------------------------------------------------
-# Sink (idempotent mode)
-# ------------------------------------------------------------------------------------------
-
-
-class _Sink:
-    """Connections to the sink database and the state table's SQL."""
-
-    def __init__(self, dsn: str, table: Tuple[str, ...], group_id: str, size: int) -> None:
-        self.dsn = dsn
-        self.table = table
-        self.group_id = group_id
-        self.size = size
-        self._idle: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._opened = 0
-        self._lock = threading.Lock()
-        ident = sql.Identifier(*table)
-        self.create_sql = sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} ("
-            "group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, "
-            "lsn pg_lsn NOT NULL, seq_id bigint NOT NULL, kafka_offset bigint, "
-            "updated_at timestamptz NOT NULL DEFAULT now(), "
-            "PRIMARY KEY (group_id, topic, partition))").format(ident)
-        self.check_sql = sql.SQL(
-            "SELECT group_id, topic, partition, lsn, seq_id, kafka_offset FROM {} LIMIT 0").format(ident)
-        # One round trip opens the transaction, takes the lock and reads the position. The
-        # SELECT is a separate statement so that, under READ COMMITTED, its snapshot is taken
-        # after the lock was granted and sees what the previous holder committed.
-        self.begin_sql = sql.SQL(
-            "BEGIN; SELECT pg_advisory_xact_lock(hashtext(%s), %s); "
-            "SELECT lsn::text, seq_id FROM {} WHERE group_id = %s AND topic = %s AND partition = %s"
-        ).format(ident)
-        self.commit_sql = sql.SQL(
-            "INSERT INTO {} AS s (group_id, topic, partition, lsn, seq_id, kafka_offset, updated_at) "
-            "VALUES (%s, %s, %s, %s::pg_lsn, %s, %s, now()) "
-            "ON CONFLICT (group_id, topic, partition) DO UPDATE SET lsn = EXCLUDED.lsn, "
-            "seq_id = EXCLUDED.seq_id, kafka_offset = EXCLUDED.kafka_offset, updated_at = now(); COMMIT"
-        ).format(ident)
-        self.read_sql = sql.SQL(
-            "SELECT lsn::text, seq_id FROM {} WHERE group_id = %s AND topic = %s AND partition = %s").format(ident)
-
-    @property
-    def table_text(self) -> str:
-        return ".".join(postgres.quote_ident(p) for p in self.table)
-
-    def connect(self) -> Any:
-        """A new autocommit connection (pgrepl issues BEGIN/COMMIT itself to save round trips)."""
-        return postgres.connect(self.dsn, application_name="pgrepl-consumer")
-
-    def prepare(self) -> None:
-        """Create the state table if missing and check its shape; keeps the connection."""
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                # serialize concurrent creators (CREATE TABLE IF NOT EXISTS can race on pg_type)
-                cur.execute("BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgrepl consumer state table'), 0)")
-                cur.execute(self.create_sql)
-                cur.execute("COMMIT")
-                try:
-                    cur.execute(self.check_sql)
-                except psycopg2.Error as exc:
-                    raise ConfigError(
-                        f"state table {self.table_text} exists but does not have pgrepl's columns "
-                        f"(group_id, topic, partition, lsn, seq_id, kafka_offset): {first_line(exc)}") from None
-        except psycopg2.ProgrammingError as exc:
-            conn.close()
-            raise ConfigError(f"cannot create the state table {self.table_text} in "
-                              f"{postgres.redact_dsn(self.dsn)}: {first_line(exc)}") from None
-        except BaseException:
-            conn.close()
-            raise
-        self.release(conn)
-
-    def acquire(self) -> Any:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        return self.connect()
-
-    def release(self, conn: Any) -> None:
-        if conn.closed:
-            return
-        with self._lock:
-            if self._idle.qsize() >= self.size:
-                conn.close()
-                return
-        self._idle.put(conn)
-
-    def discard(self, conn: Any) -> None:
-        try:
-            conn.close()
-        except Exception:  # already broken
-            pass
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
-            except Exception:  # already broken
-                pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -567,7 +273,7 @@ class Consumer:
         self.max_batch_time = max_batch_time
         self._deadline = 0.0
         self.workers = workers
-        self.state_table = parse_state_table(state_table)
+        self.state_table = parse_table_name(state_table)
         self._single_topic = topics[0] if len(topics) == 1 and not topics[0].startswith("^") else None
         self.commit_offsets = commit_offsets
         self.stop_at_eof = stop_at_eof
@@ -576,38 +282,30 @@ class Consumer:
         self._user_config: Dict[str, Any] = dict(kafka_config or {})
         self.kafka_config = self._kafka_settings(self._user_config)
         self.stats = ConsumerStats()
-        self._stopping = False
+        self._waker = Waker()
         self._fatal: Optional[PgreplError] = None
         self._parts: Dict[Tuple[str, int], _Part] = {}
         self._assigned: Set[Tuple[str, int]] = set()
         self._eof: Set[Tuple[str, int]] = set()
         self._rebalanced = False
         self._dlq: Optional[KafkaProducer] = None
-        self._sink: Optional[_Sink] = None
+        self._sink: Optional[PostgresSink] = None
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._topic_error_logged: Dict[str, float] = {}
         self._running = threading.Lock()
 
     def _kafka_settings(self, extra: Mapping[str, Any]) -> Dict[str, Any]:
-        for key, value in REQUIRED_KAFKA_CONFIG.items():
-            if key in extra and str(extra[key]).lower() != str(value).lower():
-                raise ConfigError(f"kafka_config may not set {key}={extra[key]!r}: pgrepl stores offsets "
-                                  "only after the handler succeeded")
-        for key, mine in (("group.id", self.group_id), ("bootstrap.servers", self.brokers)):
-            if key in extra and extra[key] != mine:
-                raise ConfigError(f"kafka_config sets {key}={extra[key]!r}, which conflicts with the argument {mine!r}")
         if "enable.auto.commit" in extra:
             raise ConfigError("kafka_config may not set enable.auto.commit: use commit_offsets=False to never commit")
-        settings: Dict[str, Any] = dict(DEFAULT_KAFKA_CONFIG)
-        settings.update(extra)
-        settings.update(REQUIRED_KAFKA_CONFIG)
-        settings["group.id"] = self.group_id
-        settings["bootstrap.servers"] = self.brokers
-        settings["enable.auto.commit"] = self.commit_offsets
+        arguments: Dict[str, Any] = {"group.id": self.group_id, "bootstrap.servers": self.brokers,
+                                     "enable.auto.commit": self.commit_offsets}
         if self.stop_at_eof:
-            settings["enable.partition.eof"] = True
+            arguments["enable.partition.eof"] = True
+        settings = kafka_settings.merge(
+            extra, defaults=DEFAULT_KAFKA_CONFIG, required=REQUIRED_KAFKA_CONFIG,
+            required_because="it stores offsets only after the handler succeeded",
+            arguments=arguments, logger=logging.getLogger(__name__ + ".librdkafka"))
         settings["error_cb"] = self._on_kafka_error
-        settings.setdefault("logger", logging.getLogger(__name__ + ".librdkafka"))
         return settings
 
     # -- control -------------------------------------------------------------------------
@@ -618,12 +316,16 @@ class Consumer:
         Work in flight finishes, the rest of the fetched records is left for the next run,
         stored offsets are committed and the member leaves the group.
         """
-        self._stopping = True
+        self._waker.set()
+
+    @property
+    def _stopping(self) -> bool:
+        return self._waker.is_set
 
     @property
     def stopping(self) -> bool:
         """True once ``stop()`` was called."""
-        return self._stopping
+        return self._waker.is_set
 
     @property
     def assignment(self) -> List[Tuple[str, int]]:
@@ -677,7 +379,7 @@ class Consumer:
 
         def run(part: _Part, msgs: List[Any]) -> _Outcome:
             out = _Outcome()
-            parse = parse_record
+            parse = ReplicationOp.from_json
             done = None
             handled = 0
             for start in range(0, len(msgs), size):
@@ -727,7 +429,7 @@ class Consumer:
     @staticmethod
     def _parse_chunk(chunk: List[Any]) -> Tuple[List[ReplicationOp], Optional[_Failure]]:
         ops: List[ReplicationOp] = []
-        parse = parse_record
+        parse = ReplicationOp.from_json
         for msg in chunk:
             try:
                 ops.append(parse(msg.value()))
@@ -754,7 +456,7 @@ class Consumer:
                     try:
                         handle_batch(list(zip(chunk, ops)) if with_messages else ops)
                     except _StopRequest:
-                        self._stopping = True
+                        self.stop()
                         out.rest = chunk[0]  # not handled: not stored
                         return out
                     except Exception as exc:
@@ -792,7 +494,7 @@ class Consumer:
             return out
         return run
 
-    def _transaction(self, sink: _Sink, part: _Part, chunk: List[Any], ops: List[ReplicationOp],
+    def _transaction(self, sink: PostgresSink, part: _Part, chunk: List[Any], ops: List[ReplicationOp],
                      handler: BatchTxHandler, out: _Outcome) -> Optional[_Failure]:
         """Apply ``ops`` (the parsed prefix of ``chunk``) exactly once; None on success."""
         position = part.position
@@ -872,7 +574,7 @@ class Consumer:
             if dsn is not None:
                 if not isinstance(dsn, str) or not dsn:
                     raise ConfigError("dsn must be a PostgreSQL connection string")
-                self._sink = _Sink(dsn, self.state_table, self.group_id, self.workers)
+                self._sink = PostgresSink(dsn, self.state_table, self.group_id, self.workers)
                 self._prepare_sink()
             if self._stopping:
                 return
@@ -893,7 +595,7 @@ class Consumer:
                 return
             except psycopg2.OperationalError as exc:
                 log.warning("sink database %s not reachable (%s); retrying in %.1f s",
-                            postgres.redact_dsn(self._sink.dsn), first_line(exc), backoff)
+                            redact_dsn(self._sink.dsn), first_line(exc), backoff)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
 
@@ -901,13 +603,8 @@ class Consumer:
         return install_stop_handlers(self.stop, self.handle_signals)
 
     def _sleep(self, seconds: float) -> None:
-        """Sleep that ``stop()`` cuts short (within 0.1 s)."""
-        deadline = time.monotonic() + seconds
-        while not self._stopping:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.1))
+        """Sleep that ``stop()`` cuts short."""
+        self._waker.wait(seconds)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -1221,7 +918,7 @@ class Consumer:
     def _dead_letter(self, msg: Any, part: _Part, failure: _Failure, reason: str) -> None:
         """Produce the failed record to the dead-letter topic and wait for its delivery."""
         if self._dlq is None:
-            config: Dict[str, Any] = {k: v for k, v in self._user_config.items() if k.startswith(_SHARED_PREFIXES)}
+            config = kafka_settings.connection_settings(self._user_config)
             config.update({"bootstrap.servers": self.brokers, "enable.idempotence": True, "acks": "all",
                            "logger": logging.getLogger(__name__ + ".librdkafka")})
             self._dlq = KafkaProducer(config)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from pgrepl.postgres import quote_ident
+from pgrepl.postgres.connect import quote_ident
 
 log = logging.getLogger(__name__)
 

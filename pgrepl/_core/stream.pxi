@@ -1,4 +1,4 @@
-# Included by _decode.pyx (asyncpg-style): the walsender CopyBoth reader.
+# Included by core.pyx: the walsender CopyBoth reader (fields declared in core.pxd).
 #
 # psycopg2 starts replication (START_REPLICATION puts the connection in CopyBoth mode); from
 # then on this reader talks to the same libpq connection directly, through the function
@@ -10,15 +10,6 @@
 #     message. A change of an interleaved transaction can carry a data_start below an already
 #     confirmed commit, so that rule can confirm transactions not yet delivered to Kafka.
 #     Here keepalives only update ``last_wal_end``; the flush position is always ours.
-
-from libc.stdint cimport int64_t
-
-ctypedef int (*pq_getcopydata_t)(void* conn, char** buffer, int async_) noexcept nogil
-ctypedef int (*pq_consumeinput_t)(void* conn) noexcept nogil
-ctypedef void (*pq_freemem_t)(void* ptr) noexcept nogil
-ctypedef int (*pq_putcopydata_t)(void* conn, const char* buffer, int nbytes) noexcept nogil
-ctypedef int (*pq_flush_t)(void* conn) noexcept nogil
-ctypedef char* (*pq_errormessage_t)(void* conn) noexcept nogil
 
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 cdef int64_t PG_EPOCH_OFFSET_US = 946684800000000
@@ -48,32 +39,12 @@ def _libpq_function(str name):
         raise ImportError(f"libpq function {name} not found next to psycopg2") from None
 
 
-class StreamError(Exception):
-    """The replication connection failed (network, server restart): transient, reconnect."""
-
-
 cdef class ReplicationStream:
     """Reads a walsender CopyBoth stream of pgoutput messages straight into a ``Decoder``.
 
     ``conn`` is a psycopg2 replication connection on which ``start_replication`` (or
     ``start_replication_expert``) has been called; the stream keeps it alive.
     """
-
-    cdef object _conn
-    cdef void* _pg
-    cdef pq_getcopydata_t _getcopydata
-    cdef pq_consumeinput_t _consumeinput
-    cdef pq_freemem_t _freemem
-    cdef pq_putcopydata_t _putcopydata
-    cdef pq_flush_t _flush
-    cdef pq_errormessage_t _errormessage
-    cdef readonly uint64_t last_wal_end
-    cdef readonly uint64_t last_data_start
-    cdef readonly bint reply_requested
-    cdef readonly bint would_block
-    cdef readonly bint ended
-    cdef readonly unsigned long long messages
-    cdef readonly unsigned long long bytes_received
 
     def __init__(self, conn):
         cdef size_t addr = conn.pgconn_ptr

@@ -1,0 +1,1 @@
+"""The pure-Python baseline: decoder (``struct`` + ``json``) and producer (psycopg2 ``read_message``)."""

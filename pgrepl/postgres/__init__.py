@@ -1,0 +1,1 @@
+"""PostgreSQL side of pgrepl: connections (``connect``), preflight checks (``preflight``), slots (``slot``)."""

@@ -1,0 +1,162 @@
+"""Producer: streams a logical replication slot into Kafka, in WAL order, at least once, no gaps.
+
+``Producer`` holds the settings and runs replication sessions (``session.Session``) one after
+another: a lost connection or an unreachable broker is retried with capped backoff from the
+slot's confirmed position; a ``PgreplError`` that retrying cannot fix stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from confluent_kafka import KafkaError
+from confluent_kafka import Producer as KafkaProducer
+
+from pgrepl._runtime import Waker, install_stop_handlers, run_in_thread
+from pgrepl.errors import ConfigError, DeliveryError, PgreplError
+from pgrepl.postgres.slot import validate_slot_name
+from pgrepl.producer.output import KafkaFactory, KafkaOutput, Retry, producer_settings
+from pgrepl.producer.session import Session
+from pgrepl.topics import TopicInfo, TopicMapInput, normalize_topic_map
+
+log = logging.getLogger("pgrepl.producer")
+
+
+@dataclass
+class ProducerStats:
+    """Running totals, readable from another thread (for status lines, tests and benchmarks)."""
+
+    records: int = 0
+    transactions: int = 0
+    messages: int = 0
+    bytes_received: int = 0
+    confirmed_lsn: int = 0
+    sessions: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Producer:
+    """Streams the changes of one publication from a logical replication slot into Kafka.
+
+    ``topic_map`` maps table names (bare, or ``schema.table``) to ``TopicInfo`` or dicts with
+    ``name`` and ``partition_key``. ``kafka_config`` holds extra librdkafka settings, merged
+    over pgrepl's defaults (the idempotence/ordering settings cannot be overridden).
+    ``truncate`` is ``"error"`` (default) or ``"skip"``. ``kafka_factory`` makes the Kafka
+    client from its settings (default ``confluent_kafka.Producer``): a hook for applications
+    that wrap the client, and for benchmarks.
+    """
+
+    def __init__(
+        self,
+        pg_dsn: str,
+        brokers: str,
+        slot: str,
+        publication: str,
+        topic_map: TopicMapInput,
+        kafka_config: Optional[Mapping[str, Any]] = None,
+        *,
+        truncate: str = "error",
+        status_interval: float = 10.0,
+        feedback_interval: float = 1.0,
+        stop_timeout: float = 30.0,
+        max_backoff: float = 30.0,
+        batch_messages: int = 4096,
+        batch_bytes: int = 8 << 20,
+        gather_seconds: float = 0.0005,
+        handle_signals: bool = True,
+        kafka_factory: Optional[KafkaFactory] = None,
+    ) -> None:
+        if not isinstance(pg_dsn, str) or not pg_dsn:
+            raise ConfigError("pg_dsn must be a PostgreSQL connection string")
+        if not isinstance(brokers, str) or not brokers.strip():
+            raise ConfigError("brokers must be a comma-separated list of host:port")
+        validate_slot_name(slot)
+        if not isinstance(publication, str) or not publication:
+            raise ConfigError("publication must be a non-empty name")
+        if truncate not in ("error", "skip"):
+            raise ConfigError(f"truncate must be 'error' or 'skip', got {truncate!r}")
+        self.pg_dsn = pg_dsn
+        self.brokers = brokers
+        self.slot = slot
+        self.publication = publication
+        self.topic_map: Dict[str, TopicInfo] = normalize_topic_map(topic_map)
+        self.truncate = truncate
+        self.status_interval = status_interval
+        self.feedback_interval = feedback_interval
+        self.stop_timeout = stop_timeout
+        self.max_backoff = max_backoff
+        self.batch_messages = batch_messages
+        self.batch_bytes = batch_bytes
+        self.gather_seconds = gather_seconds
+        self.handle_signals = handle_signals
+        self.kafka_config = producer_settings(kafka_config or {}, brokers)
+        self.kafka_config["error_cb"] = self._on_kafka_error
+        self.kafka_factory: KafkaFactory = kafka_factory or KafkaProducer
+        self.stats = ProducerStats()
+        self.waker = Waker()
+        self.fatal: Optional[PgreplError] = None
+        self._running = threading.Lock()
+
+    # -- control -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the producer to stop: safe from any thread and from a signal handler."""
+        self.waker.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self.waker.is_set
+
+    def start(self) -> None:
+        """Run until ``stop()`` or a fatal error (raised). Transient failures are retried."""
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError("this Producer is already running")
+        restore = install_stop_handlers(self.stop, self.handle_signals)
+        try:
+            self._run()
+        finally:
+            restore()
+            self._running.release()
+
+    async def run(self) -> None:
+        """asyncio entry point: runs the producer in a thread; cancelling the task stops it cleanly."""
+        self.handle_signals = False
+        await run_in_thread(self.start, self.stop)
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = DeliveryError(f"fatal Kafka producer error: {err.str()}")
+            self.stop()
+        else:
+            log.warning("Kafka: %s", err.str())
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        output = KafkaOutput(self.kafka_config, self.kafka_factory,
+                             should_stop=lambda: self.waker.is_set or self.fatal is not None)
+        backoff = 0.5
+        try:
+            while not self.waker.is_set:
+                try:
+                    Session(self, output).run()
+                    backoff = 0.5
+                except Retry as exc:
+                    if self.waker.is_set:
+                        break
+                    log.warning("%s; retrying in %.1f s", exc, backoff)
+                    self.waker.wait(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+                if self.fatal is not None:
+                    raise self.fatal
+        finally:
+            remaining = output.flush(self.stop_timeout)
+            if remaining:
+                log.warning("stopped with %d records undelivered; they will be produced again on restart", remaining)
+        if self.fatal is not None:
+            raise self.fatal
