@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pgrepl-installed
 
-.PHONY: test unit integration bench build clean
+.PHONY: test unit integration bench build clean typecheck
 
 # Create the virtual environment and install pgrepl (building the Cython extension) with its
 # test extra. Re-runs only when the build inputs change.
@@ -29,8 +29,12 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -s
 
+# mypy --strict over the package and over a user's view of the public API (tests/typing).
+typecheck: $(STAMP)
+	$(PY) -m mypy pgrepl tests/typing/public_api.py
+
 clean:
-	rm -rf build dist *.egg-info pgrepl/*.so pgrepl/_decode.c .pytest_cache .benchmarks
+	rm -rf build dist *.egg-info pgrepl/_core/*.so pgrepl/_core/core.c .pytest_cache .benchmarks .mypy_cache
 
 .PHONY: demo
 # The README's first command: sandbox PostgreSQL + broker, a producer, changes, ops read back.

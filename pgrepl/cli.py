@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from pgrepl._version import __version__
 from pgrepl.errors import ConfigError, PgreplError
@@ -49,7 +49,7 @@ def _consume(args: argparse.Namespace) -> int:
                         commit_offsets=not args.no_commit, stop_at_eof=args.until_eof)
     out = sys.stdout.buffer
 
-    def write(records: list) -> None:
+    def write(records: List[Any]) -> None:
         if args.meta:
             data = b"".join(b'{"topic":%s,"partition":%d,"offset":%d,"op":%s}\n' % (
                 orjson.dumps(msg.topic()), msg.partition(), msg.offset(), msg.value()) for msg, _ in records)

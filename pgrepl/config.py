@@ -62,7 +62,8 @@ def load_file(path: Union[str, Path]) -> Dict[str, Any]:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table/object at the top level")
-    return _expand(data, path.name)
+    expanded: Dict[str, Any] = _expand(data, path.name)
+    return expanded
 
 
 def producer_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ import logging
 import sys
 import threading
 import time
-from typing import List
+from typing import List, Optional, Tuple
 
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -32,20 +32,23 @@ CHANGES = [
 ]
 
 
-def read_ops(bootstrap: str, expected: int, timeout: float = 30.0) -> List[tuple]:
+def read_ops(bootstrap: str, expected: int, timeout: float = 30.0) -> List[Tuple[Optional[int], Optional[bytes], ReplicationOp]]:
     """Read the topic from the beginning until ``expected`` records (or EOF everywhere after timeout)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "pgrepl-demo", "enable.auto.commit": False,
                          "enable.partition.eof": True})
     partitions = consumer.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions
     consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in partitions])
-    found: List[tuple] = []
+    found: List[Tuple[Optional[int], Optional[bytes], ReplicationOp]] = []
     deadline = time.monotonic() + timeout
     while len(found) < expected and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
-        if msg is None or (msg.error() and msg.error().code() == KafkaError._PARTITION_EOF):
+        if msg is None:
             continue
-        if msg.error():
-            raise RuntimeError(str(msg.error()))
+        error = msg.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                continue
+            raise RuntimeError(str(error))
         found.append((msg.partition(), msg.key(), ReplicationOp.from_json(msg.value())))
     consumer.close()
     return sorted(found, key=lambda item: item[2].position)

@@ -136,7 +136,7 @@ class ReplicationOp:
             raise MalformedRecordError("the record has no value (a tombstone), not a ReplicationOp")
         fast = parse_canonical(data, _parsed_op)
         if fast is not None:
-            return fast  # type: ignore[no-any-return]
+            return fast
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

@@ -52,7 +52,7 @@ COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "clang++", "tcc", "x86_64-linux
 # The only tools symlinked into the compiler-free PATH (none is needed by pip or pytest; they
 # are there so that a subprocess shelling out finds a minimal POSIX userland).
 SHELL_TOOLS = ("sh", "env", "cat", "ls", "uname", "true", "false")
-TEST_REQUIREMENTS = ("pytest>=7", "hypothesis>=6")
+TEST_REQUIREMENTS = ("pytest>=7", "hypothesis>=6", "mypy>=1.8", "types-psycopg2")
 
 
 def fail(message: str) -> NoReturn:
@@ -280,6 +280,7 @@ def cmd_test_installed(args: argparse.Namespace) -> int:
         sys.path[:] = [p for p in sys.path if p and Path(p).resolve() not in unwanted]
         import importlib
         import importlib.metadata
+        import importlib.util
 
         try:
             pgrepl = importlib.import_module("pgrepl")
@@ -330,7 +331,19 @@ def cmd_test_installed(args: argparse.Namespace) -> int:
         env.pop("PYTHONPATH", None)
         cmd = [sys.executable, "-m", "pytest", "tests/unit", *args.pytest_args]
         say("$ " + " ".join(cmd) + f"   (cwd {work})")
-        return subprocess.run(cmd, cwd=str(work), env=env).returncode
+        rc = subprocess.run(cmd, cwd=str(work), env=env).returncode
+        if rc != 0:
+            return rc
+        # The public API as a user's code sees it: the installed stubs and py.typed, mypy --strict.
+        typing_dir = project / "tests" / "typing"
+        # required in `check`'s own venv; cibuildwheel's test environments may lack mypy
+        if typing_dir.is_dir() and (importlib.util.find_spec("mypy") is not None
+                                    or os.environ.get("PGREPL_CHECK_NO_COMPILER") == "1"):
+            shutil.copy2(typing_dir / "public_api.py", work / "public_api.py")
+            cmd = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "public_api.py"]
+            say("$ " + " ".join(cmd) + f"   (cwd {work})")
+            rc = subprocess.run(cmd, cwd=str(work), env=env).returncode
+        return rc
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Any, Tuple
 
 import psycopg2
 import psycopg2.extensions
@@ -37,17 +37,26 @@ def is_permanent_connect_error(exc: Exception) -> bool:
     return any(marker in text for marker in _PERMANENT_CONNECT_ERRORS)
 
 
+def query_one(conn: psycopg2.extensions.connection, query: str, params: Any = None) -> Tuple[Any, ...]:
+    """The one row a query returns (``LookupError`` when it returns none)."""
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no row from: {query}")
+    return tuple(row)
+
+
 def connect(dsn: str, *, replication: bool = False, application_name: str = "pgrepl") -> psycopg2.extensions.connection:
     """Open a connection (a logical replication connection when ``replication``).
 
     A failure that retrying cannot fix becomes ``ConfigError``; others stay
     ``psycopg2.OperationalError`` for the caller's retry loop. Neither carries the password.
     """
-    kwargs: Dict[str, object] = {"application_name": application_name}
-    if replication:
-        kwargs["connection_factory"] = psycopg2.extras.LogicalReplicationConnection
+    factory = psycopg2.extras.LogicalReplicationConnection if replication else None
     try:
-        conn = psycopg2.connect(dsn, **kwargs)
+        conn: psycopg2.extensions.connection = psycopg2.connect(
+            dsn, connection_factory=factory, application_name=application_name)
     except psycopg2.ProgrammingError as exc:  # malformed DSN
         raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {str(exc).strip()}") from None
     except psycopg2.OperationalError as exc:

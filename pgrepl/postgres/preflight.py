@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 import psycopg2.extensions
 
 from pgrepl.errors import ConfigError
-from pgrepl.postgres.connect import quote_ident
+from pgrepl.postgres.connect import query_one, quote_ident
 from pgrepl.topics import TopicInfo
 
 
@@ -41,9 +41,7 @@ class Publication:
 
 def check_server(conn: psycopg2.extensions.connection) -> None:
     """``wal_level`` must be ``logical`` and the database encoding UTF-8."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_setting('wal_level'), current_setting('server_encoding')")
-        wal_level, encoding = cur.fetchone()
+    wal_level, encoding = query_one(conn, "SELECT current_setting('wal_level'), current_setting('server_encoding')")
     if wal_level != "logical":
         raise ConfigError(
             f"wal_level is {wal_level!r}; set wal_level = logical in postgresql.conf "

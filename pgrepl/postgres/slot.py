@@ -14,6 +14,7 @@ import psycopg2.extensions
 
 from pgrepl.errors import ConfigError, first_line
 from pgrepl.lsn import parse_lsn
+from pgrepl.postgres.connect import query_one
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,11 @@ def ensure_slot(conn: psycopg2.extensions.connection, slot: str, *, terminate_ac
     cleanly) is terminated, as the original library does, and logged.
     """
     validate_slot_name(slot)
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_database()")
-        (database,) = cur.fetchone()
+    (database,) = query_one(conn, "SELECT current_database()")
     info = get_slot(conn, slot)
     if info is None:
         try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-                (lsn,) = cur.fetchone()
+            (lsn,) = query_one(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         except psycopg2.errors.DuplicateObject:
             pass  # created concurrently by another producer: fall through to the checks
         except psycopg2.Error as exc:

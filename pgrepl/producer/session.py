@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Tuple
+from typing import TYPE_CHECKING, Any, Tuple, cast
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.extras
 
 from pgrepl._core import Batch, Decoder, ReplicationStream
 from pgrepl.errors import DeliveryError, PgreplError, StreamError
@@ -47,8 +48,8 @@ class Session:
                 decoder.set_partition_count(topic, count)
             try:
                 rconn = connect(self.producer.pg_dsn, replication=True)
-                rcur = rconn.cursor()
-                rcur.start_replication_expert(self._start_command(start_lsn), decode=False)
+                rcur = cast(psycopg2.extras.ReplicationCursor, rconn.cursor())
+                rcur.start_replication_expert(self._start_command(start_lsn), decode=False)  # type: ignore[no-untyped-call]
                 stream = ReplicationStream(rconn)
             except psycopg2.OperationalError as exc:
                 raise Retry(f"cannot start replication: {str(exc).strip()}") from None

@@ -181,15 +181,14 @@ class LocalBroker(Service):
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(
-            {
-                "bootstrap.servers": f"127.0.0.1:{self._port}",
-                "reconnect.backoff.ms": 50,
-                "reconnect.backoff.max.ms": 250,
-                "logger": logging.getLogger(__name__ + ".librdkafka"),
-                "error_cb": lambda err: None,  # connection refused while starting is expected
-            }
-        )
+        config: Dict[str, Any] = {
+            "bootstrap.servers": f"127.0.0.1:{self._port}",
+            "reconnect.backoff.ms": 50,
+            "reconnect.backoff.max.ms": 250,
+            "logger": logging.getLogger(__name__ + ".librdkafka"),
+            "error_cb": lambda err: None,  # connection refused while starting is expected
+        }
+        admin = AdminClient(config)
         deadline = time.monotonic() + timeout
         last_error = "no attempt"
         while True:

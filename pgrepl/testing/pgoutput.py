@@ -52,7 +52,7 @@ def tuple_data(values: Sequence[Value]) -> bytes:
         elif value is UNCHANGED:
             out.append(b"u")
         else:
-            raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+            raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[call-overload]
             out.append(b"t" + struct.pack(">I", len(raw)) + raw)
     return b"".join(out)
 

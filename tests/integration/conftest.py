@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, List, Optional
@@ -26,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from pgrepl.errors import ConfigError, first_line
 from pgrepl.postgres.connect import redact_dsn
+from pgrepl.postgres.slot import drop_slot
 from pgrepl.testing import LocalBroker, LocalPostgres, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def kafka_bootstrap(local_broker: Optional[LocalBroker]) -> str:
     bootstrap = os.environ[ENV_KAFKA]
     error = ""
     try:
-        _admin(bootstrap).list_topics(timeout=15)
+        kafka_admin(bootstrap).list_topics(timeout=15)
     except KafkaException as exc:
         error = str(exc)
     if error:
@@ -143,7 +143,7 @@ def kafka_bootstrap(local_broker: Optional[LocalBroker]) -> str:
     return bootstrap
 
 
-def _admin(bootstrap: str) -> AdminClient:
+def kafka_admin(bootstrap: str) -> AdminClient:
     """An AdminClient whose librdkafka logs go to Python logging instead of stderr."""
     return AdminClient(
         {
@@ -160,36 +160,11 @@ def _admin(bootstrap: str) -> AdminClient:
 
 
 def _wait_and_drop_slot(dsn: str, slot: str, timeout: float = 15.0) -> bool:
-    """Drop replication slot ``slot`` once no walsender uses it; True if it existed.
-
-    A walsender lingers for a moment after its client disconnects, so an active slot is
-    waited for (and its walsender terminated halfway through the timeout).
-    """
+    """Drop replication slot ``slot`` once no walsender uses it (pgrepl's own ``drop_slot``); True if it existed."""
     conn = psycopg2.connect(dsn, connect_timeout=10)
     conn.autocommit = True
     try:
-        deadline = time.monotonic() + timeout
-        terminated = False
-        with conn.cursor() as cur:
-            while True:
-                cur.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-                row = cur.fetchone()
-                if row is None:
-                    return False
-                if row[0] is None:
-                    try:
-                        cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                        return True
-                    except psycopg2.errors.ObjectInUse:
-                        pass  # became active again in between: go round
-                    except psycopg2.errors.UndefinedObject:
-                        return False
-                elif not terminated and time.monotonic() > deadline - timeout / 2:
-                    cur.execute("SELECT pg_terminate_backend(%s)", (row[0],))
-                    terminated = True
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"replication slot {slot} still in use after {timeout:.0f} s")
-                time.sleep(0.1)
+        return drop_slot(conn, slot, timeout=timeout)
     finally:
         conn.close()
 
@@ -265,7 +240,7 @@ def _cleanup_pg(dsn: str, prefix: str) -> List[str]:
 
 def _cleanup_topics(bootstrap: str, prefix: str) -> None:
     """Delete (best effort) the topics whose names start with ``prefix``."""
-    admin = _admin(bootstrap)
+    admin = kafka_admin(bootstrap)
     try:
         topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
         if topics:
