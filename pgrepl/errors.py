@@ -5,6 +5,7 @@ This module imports nothing of pgrepl, so every other module can import it.
 ``PgreplError``
     ``ConfigError``           the user must change something (settings, schema, publication)
     ``ReplicationError``      the stream holds a change pgrepl refuses to pass on
+        ``SlotLostError``     the slot pgrepl streamed from is gone or invalidated
     ``DecodeError``           a pgoutput message is malformed
     ``DeliveryError``         Kafka refused or lost a record; nothing past it is confirmed
     ``MalformedRecordError``  a Kafka record is not a ReplicationOp
@@ -34,6 +35,22 @@ class ConfigError(PgreplError):
 
 class ReplicationError(PgreplError):
     """The stream holds a change pgrepl refuses to pass on (it would have to drop or guess a row)."""
+
+
+class SlotLostError(ReplicationError):
+    """The replication slot pgrepl streamed from is missing or invalidated: going on would skip changes.
+
+    ``slot`` names it, ``confirmed_lsn`` is the last position pgrepl confirmed on it (when known).
+    Recreating it is the user's explicit choice (``on_slot_loss``), never automatic.
+    """
+
+    def __init__(self, message: str, slot: str = "", confirmed_lsn: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.confirmed_lsn = confirmed_lsn
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (type(self), (str(self), self.slot, self.confirmed_lsn))
 
 
 class DecodeError(PgreplError):

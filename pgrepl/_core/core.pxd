@@ -75,6 +75,7 @@ cdef class Relation:
     cdef int ncols
     cdef int nkey
     cdef int* key_idx
+    cdef uint32_t name_crc       # CRC-32 of "schema.table": the partition of records without a key
 
 
 # pgoutput.pxi --------------------------------------------------------------------------------
@@ -85,7 +86,6 @@ cdef class Decoder:
     cdef int _ntopics
     cdef int* _part_count        # per topic id; 0 = unknown
     cdef Py_ssize_t* _part_base  # per topic id: offset of its slots in _last_index
-    cdef uint32_t* _round_robin  # per topic id
     cdef Py_ssize_t* _last_index # per (topic, partition) slot: last record index in this batch, or -1
     cdef Py_ssize_t _nslots
     cdef Py_ssize_t* _touched    # slots written in this batch
@@ -93,6 +93,7 @@ cdef class Decoder:
     cdef dict _relations
     cdef Relation _last_rel
     cdef bint _truncate_skip
+    cdef bint _split_key_changes # an Update that changes the key becomes Delete + Insert
     cdef bint _in_tx
     cdef uint64_t _tx_lsn
     cdef uint64_t _seq
@@ -116,7 +117,9 @@ cdef class Decoder:
     cdef Relation _lookup(self, Reader* r, uint32_t relid)
     cdef int _tuple(self, Reader* r, Relation rel, Col* cols) except -1
     cdef int _row(self, Reader* r, Batch batch, int op) except -1
-    cdef int _partition(self, int topic_id, Py_ssize_t record_index, Batch batch) except -2
+    cdef bint _key_changed(self, Reader* r, Relation rel) noexcept
+    cdef int _emit(self, Reader* r, Relation rel, Batch batch, int op) except -1
+    cdef int _partition(self, Relation rel, Py_ssize_t record_index, Batch batch) except -2
     cdef int _missing_old_row(self, Relation rel, str what) except -1
     cdef int _fill_unchanged_toast(self, Relation rel) except -1
     cdef int _put_row(self, Reader* r, Relation rel, Col* cols) except -1
@@ -150,5 +153,6 @@ cdef class ReplicationStream:
     cdef readonly bint ended
     cdef readonly unsigned long long messages
     cdef readonly unsigned long long bytes_received
+    cdef readonly unsigned long long keepalives
 
     cdef int _fail(self, str what) except -1

@@ -26,9 +26,15 @@ cdef class Decoder:
     ``topic_map`` maps table names (``table`` or ``schema.table``) to ``TopicInfo`` or dicts
     with ``name`` and ``partition_key``. ``truncate`` says what a TRUNCATE does: ``"error"``
     (default) raises ``ReplicationError``; ``"skip"`` logs a warning and produces nothing.
-    Once ``set_partition_count`` knows a topic's partitions, records get explicit partitions:
-    CRC-32 of the key modulo the count (librdkafka's default for keyed records), round-robin
-    for records without a key.
+    Once ``set_partition_count`` knows a topic's partitions, records get explicit partitions
+    that depend on the record alone: CRC-32 of the key modulo the count (librdkafka's default
+    for keyed records) or, for a record without a key (or with an empty one), CRC-32 of the
+    table's ``schema.table`` name, so a replay lands where the first delivery did.
+
+    ``split_key_changes`` (default True): an Update that changes the partition-key value is
+    written as a Delete of the old row (old key, old partition) and an Insert of the new row
+    (new key, its partition), so each key's history stays in one partition and in order; False
+    writes one Update under the new key, byte for byte what the original library writes.
     """
 
     def __cinit__(self):
@@ -43,13 +49,12 @@ cdef class Decoder:
         self._col_cap = 0
         self._part_count = NULL
         self._part_base = NULL
-        self._round_robin = NULL
         self._last_index = NULL
         self._touched = NULL
         self._nslots = 0
         self._ntouched = 0
 
-    def __init__(self, topic_map, truncate="error"):
+    def __init__(self, topic_map, truncate="error", split_key_changes=True):
         self._topic_map = normalize_topic_map(topic_map)
         self._topic_ids = {}
         for info in self._topic_map.values():
@@ -58,15 +63,14 @@ cdef class Decoder:
         self._ntopics = len(self._topic_ids)
         self._part_count = <int*>PyMem_Malloc(sizeof(int) * self._ntopics)
         self._part_base = <Py_ssize_t*>PyMem_Malloc(sizeof(Py_ssize_t) * self._ntopics)
-        self._round_robin = <uint32_t*>PyMem_Malloc(sizeof(uint32_t) * self._ntopics)
-        if self._part_count == NULL or self._part_base == NULL or self._round_robin == NULL:
+        if self._part_count == NULL or self._part_base == NULL:
             raise MemoryError()
         memset(self._part_count, 0, sizeof(int) * self._ntopics)
         memset(self._part_base, 0, sizeof(Py_ssize_t) * self._ntopics)
-        memset(self._round_robin, 0, sizeof(uint32_t) * self._ntopics)
         if truncate not in ("error", "skip"):
             raise ConfigError(f"truncate must be 'error' or 'skip', got {truncate!r}")
         self._truncate_skip = truncate == "skip"
+        self._split_key_changes = bool(split_key_changes)
         self._relations = {}
         self._last_rel = None
         self._in_tx = False
@@ -80,7 +84,6 @@ cdef class Decoder:
         PyMem_Free(self._new)
         PyMem_Free(self._part_count)
         PyMem_Free(self._part_base)
-        PyMem_Free(self._round_robin)
         PyMem_Free(self._last_index)
         PyMem_Free(self._touched)
 
@@ -133,19 +136,28 @@ cdef class Decoder:
         self._seq = 0
 
     def decode(self, payload):
-        """Decode one message: a ``Record``, ``Begin`` or ``Commit``, or ``None`` for the rest."""
+        """Decode one message: a ``Record``, ``Begin`` or ``Commit``, or ``None`` for the rest.
+
+        An Update split into a Delete and an Insert (``split_key_changes``) gives a tuple of
+        the two ``Record``s.
+        """
         cdef Batch batch = Batch()
         cdef int msg_type = self._decode_any(payload, batch, 0)
         cdef Record rec
         cdef Begin begin
-        if batch.values:
-            rec = Record.__new__(Record)
-            rec.topic = batch.topics[0]
-            rec.key = batch.keys[0]
-            rec.value = batch.values[0]
-            rec.lsn = self._tx_lsn
-            rec.seq_id = self._seq - 1
-            return rec
+        cdef Py_ssize_t i
+        cdef Py_ssize_t n = len(batch.values)
+        if n:
+            records = []
+            for i in range(n):
+                rec = Record.__new__(Record)
+                rec.topic = batch.topics[i]
+                rec.key = batch.keys[i]
+                rec.value = batch.values[i]
+                rec.lsn = self._tx_lsn
+                rec.seq_id = self._seq - n + i
+                records.append(rec)
+            return records[0] if n == 1 else tuple(records)
         if batch.commits:
             return batch.commits[0]
         if msg_type == 0x42:  # 'B'
@@ -338,6 +350,8 @@ cdef class Decoder:
                     break
                 rel.key_idx[rel.nkey] = rel.columns.index(col)
                 rel.nkey += 1
+        qualified = rel.qualified_name.encode("utf-8")
+        rel.name_crc = crc32(<const uint8_t*>PyBytes_AS_STRING(qualified), len(qualified))
         rel.prefix = (b'{"table_name":' + escape_json_string(name) + b',"col_names":['
                       + b",".join([escape_json_string(c) for c in names]) + b'],"lsn":')
         if ncols > self._col_cap:
@@ -427,6 +441,30 @@ cdef class Decoder:
                 fail(r, f"Delete expects tuple tag 'O' or 'K', got 0x{tag:02x}")
             self._tuple(r, rel, self._old)
 
+        if op == 0x55:
+            self._fill_unchanged_toast(rel)
+            if self._split_key_changes and rel.nkey and self._key_changed(r, rel):
+                self._emit(r, rel, batch, 0x44)  # the row leaves its old key ...
+                self._emit(r, rel, batch, 0x49)  # ... and arrives under the new one
+                return 0
+        self._emit(r, rel, batch, op)
+        return 0
+
+    cdef bint _key_changed(self, Reader* r, Relation rel) noexcept:
+        """Whether an Update's new row has another partition-key value than its old row."""
+        cdef int j
+        cdef int c
+        for j in range(rel.nkey):
+            c = rel.key_idx[j]
+            if self._old[c].kind != K_TEXT or self._new[c].kind != K_TEXT:
+                return False  # a NULL key fails in _make_key, with its own message
+            if self._old[c].len != self._new[c].len or memcmp(
+                    r.p + self._old[c].off, r.p + self._new[c].off, self._new[c].len) != 0:
+                return True
+        return False
+
+    cdef int _emit(self, Reader* r, Relation rel, Batch batch, int op) except -1:
+        """Write one record of kind ``op`` from the decoded old/new rows and append it to ``batch``."""
         cdef Buf* out = &self._out
         out.len = 0
         buf_put_bytes(out, rel.prefix)
@@ -442,7 +480,6 @@ cdef class Decoder:
             buf_put_bytes(out, OP_UPDATE)
             self._put_row(r, rel, self._old)
             buf_put(out, b"],[", 3)
-            self._fill_unchanged_toast(rel)
             self._put_row(r, rel, self._new)
             buf_put(out, b"]", 1)
             key_row = self._new
@@ -468,12 +505,13 @@ cdef class Decoder:
         batch.topics.append(rel.topic)
         batch.keys.append(key)
         batch.values.append(value)
-        batch.partitions.append(self._partition(rel.topic_id, record_index, batch))
+        batch.partitions.append(self._partition(rel, record_index, batch))
         self._seq += 1
         return 0
 
-    cdef int _partition(self, int topic_id, Py_ssize_t record_index, Batch batch) except -2:
-        """Pick the record's partition and remember it as the slot's latest record."""
+    cdef int _partition(self, Relation rel, Py_ssize_t record_index, Batch batch) except -2:
+        """Pick the record's partition (from the record alone) and remember it as its slot's latest record."""
+        cdef int topic_id = rel.topic_id
         cdef int count = self._part_count[topic_id]
         cdef uint32_t part
         cdef Py_ssize_t slot
@@ -483,8 +521,7 @@ cdef class Decoder:
         if self._key.len > 0:
             part = crc32(<const uint8_t*>self._key.data, self._key.len) % <uint32_t>count
         else:
-            part = self._round_robin[topic_id] % <uint32_t>count
-            self._round_robin[topic_id] += 1
+            part = rel.name_crc % <uint32_t>count
         slot = self._part_base[topic_id] + part
         if self._last_index[slot] < 0:
             self._touched[self._ntouched] = slot

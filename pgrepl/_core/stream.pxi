@@ -128,6 +128,7 @@ cdef class ReplicationStream:
                         if n < 18:
                             raise StreamError("keepalive message shorter than its header")
                         data_start = be64(q + 1)
+                        self.keepalives += 1
                         if data_start > self.last_wal_end:
                             self.last_wal_end = data_start
                         if q[17]:

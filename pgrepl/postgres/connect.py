@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import psycopg2
 import psycopg2.extensions
@@ -47,18 +47,42 @@ def query_one(conn: psycopg2.extensions.connection, query: str, params: Any = No
     return tuple(row)
 
 
+#: libpq settings that make a dead server noticed within seconds instead of the kernel's ~2 hours
+#: (keepalives for a silent peer, tcp_user_timeout for unacknowledged sends); the DSN wins.
+CLIENT_TIMEOUTS = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+                   "tcp_user_timeout": "30000", "connect_timeout": "10"}
+#: The same for the server's side of the connection, so it notices a dead producer (and frees
+#: its slot and lease) within seconds; sent as startup options unless the DSN has ``options``.
+SERVER_TIMEOUTS = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+
+
+def dsn_params(dsn: str) -> Dict[str, str]:
+    """The DSN's parameters (URL or key=value form); ``ConfigError`` when it does not parse."""
+    try:
+        return dict(psycopg2.extensions.parse_dsn(dsn))
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {first_line(exc)}") from None
+
+
 def connect(dsn: str, *, replication: bool = False, application_name: str = "pgrepl") -> psycopg2.extensions.connection:
     """Open a connection (a logical replication connection when ``replication``).
 
-    A failure that retrying cannot fix becomes ``ConfigError``; others stay
-    ``psycopg2.OperationalError`` for the caller's retry loop. Neither carries the password.
+    The session always speaks UTF8 (pgoutput sends text in the client encoding, and the
+    records are JSON), and dead peers are noticed in seconds on both ends (``CLIENT_TIMEOUTS``,
+    ``SERVER_TIMEOUTS``) unless the DSN says otherwise. A failure that retrying cannot fix
+    becomes ``ConfigError``; others stay ``psycopg2.OperationalError`` for the caller's retry
+    loop. Neither carries the password.
     """
-    factory = psycopg2.extras.LogicalReplicationConnection if replication else None
+    params = dsn_params(dsn)
+    extra: Dict[str, Any] = {key: value for key, value in CLIENT_TIMEOUTS.items() if key not in params}
+    if "options" not in params:
+        extra["options"] = SERVER_TIMEOUTS
+    factory: Any = psycopg2.extras.LogicalReplicationConnection if replication else psycopg2.extensions.connection
     try:
         conn: psycopg2.extensions.connection = psycopg2.connect(
-            dsn, connection_factory=factory, application_name=application_name)
+            dsn, connection_factory=factory, application_name=application_name, client_encoding="UTF8", **extra)
     except psycopg2.ProgrammingError as exc:  # malformed DSN
-        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {str(exc).strip()}") from None
+        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {first_line(exc)}") from None
     except psycopg2.OperationalError as exc:
         reason = first_line(exc)
         if is_permanent_connect_error(exc):

@@ -40,8 +40,13 @@ class Publication:
 
 
 def check_server(conn: psycopg2.extensions.connection) -> None:
-    """``wal_level`` must be ``logical`` and the database encoding UTF-8."""
-    wal_level, encoding = query_one(conn, "SELECT current_setting('wal_level'), current_setting('server_encoding')")
+    """``wal_level`` must be ``logical``, the database encoding UTF-8, and a standby PostgreSQL 16+."""
+    wal_level, encoding, standby = query_one(
+        conn, "SELECT current_setting('wal_level'), current_setting('server_encoding'), pg_is_in_recovery()")
+    if standby and conn.server_version < 160000:
+        raise ConfigError(
+            f"this server is a standby running PostgreSQL {conn.server_version // 10000}; logical decoding on a "
+            "standby needs PostgreSQL 16 or later: connect to the primary (e.g. target_session_attrs=read-write)")
     if wal_level != "logical":
         raise ConfigError(
             f"wal_level is {wal_level!r}; set wal_level = logical in postgresql.conf "

@@ -1,4 +1,9 @@
-"""Logical replication slots: name rules, inspection, creation and removal."""
+"""Logical replication slots: name rules, inspection, creation, health and removal.
+
+``pg_replication_slots`` grows columns with the server version (``wal_status`` and
+``safe_wal_size`` in 13, ``conflicting`` in 16, ``failover``, ``synced`` and
+``invalidation_reason`` in 17); ``SlotInfo`` reads whichever the server has.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from pgrepl.errors import ConfigError, first_line
-from pgrepl.lsn import parse_lsn
+from pgrepl.errors import ConfigError, SlotLostError, first_line
+from pgrepl.lsn import format_lsn, parse_lsn
 from pgrepl.postgres.connect import query_one
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ def validate_slot_name(slot: str) -> None:
 
 @dataclass(frozen=True)
 class SlotInfo:
-    """An existing replication slot as pg_replication_slots describes it."""
+    """An existing replication slot as pg_replication_slots describes it (None: column absent or NULL)."""
 
     name: str
     plugin: Optional[str]
@@ -38,65 +43,110 @@ class SlotInfo:
     database: Optional[str]
     active_pid: Optional[int]
     confirmed_flush_lsn: Optional[int]
+    restart_lsn: Optional[int] = None
+    wal_status: Optional[str] = None          # reserved / extended / unreserved / lost (13+)
+    safe_wal_size: Optional[int] = None       # bytes of WAL that can still be written before it is lost (13+)
+    conflicting: Optional[bool] = None        # invalidated by a recovery conflict (16+)
+    invalidation_reason: Optional[str] = None  # why it was invalidated (17+)
+    failover: Optional[bool] = None           # synchronized to standbys (17+)
+    synced: Optional[bool] = None             # a standby's synchronized copy (17+)
+
+    @property
+    def invalidated(self) -> Optional[str]:
+        """Why the slot can no longer be used, or None."""
+        if self.invalidation_reason:
+            return f"invalidated ({self.invalidation_reason})"
+        if self.wal_status == "lost":
+            return "invalidated (wal_status lost: the WAL it needed was removed, see max_slot_wal_keep_size)"
+        if self.conflicting:
+            return "invalidated by a recovery conflict on the standby"
+        return None
 
 
 def get_slot(conn: psycopg2.extensions.connection, slot: str) -> Optional[SlotInfo]:
     """The slot as pg_replication_slots shows it, or None."""
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT slot_name, plugin, slot_type, database, active_pid, confirmed_flush_lsn::text "
-            "FROM pg_replication_slots WHERE slot_name = %s",
-            (slot,))
+        cur.execute("SELECT * FROM pg_replication_slots WHERE slot_name = %s", (slot,))
         row = cur.fetchone()
+        columns = [d[0] for d in cur.description or ()]
     if row is None:
         return None
-    name, plugin, slot_type, database, active_pid, confirmed = row
-    return SlotInfo(name, plugin, slot_type, database, active_pid, parse_lsn(confirmed) if confirmed else None)
+    values: Dict[str, Any] = dict(zip(columns, row))
+
+    def lsn(name: str) -> Optional[int]:
+        text = values.get(name)
+        return parse_lsn(str(text)) if text else None
+
+    return SlotInfo(
+        name=values["slot_name"], plugin=values.get("plugin"), slot_type=values["slot_type"],
+        database=values.get("database"), active_pid=values.get("active_pid"),
+        confirmed_flush_lsn=lsn("confirmed_flush_lsn"), restart_lsn=lsn("restart_lsn"),
+        wal_status=values.get("wal_status"), safe_wal_size=values.get("safe_wal_size"),
+        conflicting=values.get("conflicting"), invalidation_reason=values.get("invalidation_reason"),
+        failover=values.get("failover"), synced=values.get("synced"))
 
 
-def ensure_slot(conn: psycopg2.extensions.connection, slot: str, *, terminate_active: bool = True,
-                wait_seconds: float = 10.0) -> SlotInfo:
-    """Create the pgoutput slot when missing; check an existing one; free it from a stale holder.
+def server_version(conn: psycopg2.extensions.connection) -> int:
+    """``server_version_num``: 150008 for 15.8."""
+    return int(conn.server_version)
 
-    Another backend streaming from the slot (usually an earlier run that did not exit
-    cleanly) is terminated, as the original library does, and logged.
+
+def create_slot(conn: psycopg2.extensions.connection, slot: str, *, failover: Optional[bool] = None) -> SlotInfo:
+    """Create a pgoutput slot (a failover slot on PostgreSQL 17+ unless ``failover`` is False).
+
+    A slot created concurrently by another producer is taken as it is.
     """
     validate_slot_name(slot)
-    (database,) = query_one(conn, "SELECT current_database()")
+    version = server_version(conn)
+    if failover and version < 170000:
+        raise ConfigError(f"failover slots need PostgreSQL 17 or later; this server is {version // 10000}")
+    use_failover = version >= 170000 if failover is None else failover
+    try:
+        if version >= 170000:
+            (lsn,) = query_one(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput', "
+                                     "false, false, %s)", (slot, use_failover))
+        else:
+            (lsn,) = query_one(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+                               (slot,))
+    except psycopg2.errors.DuplicateObject:
+        log.info("replication slot %s was created concurrently; using it", slot)
+    except psycopg2.Error as exc:
+        raise ConfigError(f"cannot create replication slot {slot!r}: {first_line(exc)}") from None
+    else:
+        log.info("created logical replication slot %s (pgoutput%s) at %s", slot,
+                 ", failover" if use_failover else "", lsn)
     info = get_slot(conn, slot)
     if info is None:
-        try:
-            (lsn,) = query_one(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-        except psycopg2.errors.DuplicateObject:
-            pass  # created concurrently by another producer: fall through to the checks
-        except psycopg2.Error as exc:
-            raise ConfigError(f"cannot create replication slot {slot!r}: {first_line(exc)}") from None
-        else:
-            log.info("created logical replication slot %s (pgoutput) at %s", slot, lsn)
-        info = get_slot(conn, slot)
-        assert info is not None
+        raise ConfigError(f"replication slot {slot!r} disappeared right after it was created")
+    return info
+
+
+def check_slot(info: SlotInfo, database: str, last_confirmed: Optional[int] = None) -> None:
+    """The slot must be a usable logical pgoutput slot of ``database``.
+
+    ``SlotLostError`` when it was invalidated (the changes it held are gone), ``ConfigError``
+    when it is some other kind of slot.
+    """
     if info.slot_type != "logical" or info.plugin != "pgoutput":
         raise ConfigError(
-            f"replication slot {slot!r} exists but is {info.slot_type} with plugin {info.plugin!r}; "
+            f"replication slot {info.name!r} exists but is {info.slot_type} with plugin {info.plugin!r}; "
             "pgrepl needs a logical pgoutput slot: choose another slot name or drop this one")
     if info.database != database:
         raise ConfigError(
-            f"replication slot {slot!r} belongs to database {info.database!r}, not {database!r}; "
+            f"replication slot {info.name!r} belongs to database {info.database!r}, not {database!r}; "
             "connect to that database or choose another slot name")
-    if info.active_pid is not None and terminate_active:
-        log.warning("replication slot %s is in use by backend pid %d; terminating it", slot, info.active_pid)
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (info.active_pid,))
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            info = get_slot(conn, slot)
-            assert info is not None
-            if info.active_pid is None:
-                break
-            if time.monotonic() > deadline:
-                raise ConfigError(f"replication slot {slot!r} is still in use by backend pid {info.active_pid}")
-            time.sleep(0.1)
-    return info
+    reason = info.invalidated
+    if reason is not None:
+        raise SlotLostError(slot_lost_message(info.name, reason, last_confirmed or info.confirmed_flush_lsn),
+                            info.name, last_confirmed or info.confirmed_flush_lsn)
+
+
+def slot_lost_message(slot: str, what: str, last_confirmed: Optional[int]) -> str:
+    """One line: which slot, what happened, where pgrepl was, and the ways out."""
+    where = f"pgrepl last confirmed {format_lsn(last_confirmed)} on it" if last_confirmed else "pgrepl streamed from it"
+    return (f"replication slot {slot} is {what}; {where}, and the changes after that are not in Kafka. "
+            "Way out: take a new snapshot (on_slot_loss='resnapshot') or, accepting the gap, "
+            f"forget the slot's history (pgrepl slot forget {slot}) and start again")
 
 
 def drop_slot(conn: psycopg2.extensions.connection, slot: str, *, timeout: float = 15.0) -> bool:

@@ -40,6 +40,11 @@ REQUIRED_KAFKA_CONFIG: Dict[str, Any] = {
     "message.timeout.ms": 0,  # never expire a record: an outage blocks, it does not drop
 }
 
+#: Settings ``kafka_config`` may not set at all, and why.
+REFUSED_KAFKA_CONFIG: Dict[str, str] = {
+    "delivery.report.only.error": "the slot is confirmed from successful delivery reports, so it would never move",
+}
+
 #: Defaults the user may override.
 DEFAULT_KAFKA_CONFIG: Dict[str, Any] = {
     "compression.type": "lz4",
@@ -65,7 +70,7 @@ class StopNow(Retry):
 def producer_settings(user: Mapping[str, Any], brokers: str) -> Dict[str, Any]:
     """pgrepl's librdkafka producer settings: defaults, the user's ``kafka_config``, what the guarantees need."""
     settings = kafka_settings.merge(
-        user, defaults=DEFAULT_KAFKA_CONFIG, required=REQUIRED_KAFKA_CONFIG,
+        user, defaults=DEFAULT_KAFKA_CONFIG, required=REQUIRED_KAFKA_CONFIG, refused=REFUSED_KAFKA_CONFIG,
         required_because="its ordering and no-gap guarantees rest on it", arguments={"bootstrap.servers": brokers},
         logger=kafka_log)
     try:

@@ -2,7 +2,9 @@
 
 ``Producer`` holds the settings and runs replication sessions (``session.Session``) one after
 another: a lost connection or an unreachable broker is retried with capped backoff from the
-slot's confirmed position; a ``PgreplError`` that retrying cannot fix stops it.
+slot's confirmed position; a ``PgreplError`` that retrying cannot fix stops it. Several
+producers may run for one slot: one holds the slot's lease and streams (``active``), the others
+wait as ``standby`` and take over when it goes (``pgrepl.postgres.lease``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -18,12 +21,18 @@ from confluent_kafka import Producer as KafkaProducer
 
 from pgrepl._runtime import Waker, install_stop_handlers, run_in_thread
 from pgrepl.errors import ConfigError, DeliveryError, PgreplError
+from pgrepl.postgres.connect import dsn_params
+from pgrepl.postgres.lease import SlotLease
 from pgrepl.postgres.slot import validate_slot_name
+from pgrepl.producer.history import DEFAULT_HISTORY_TOPIC, SlotHistory, SlotRecord
 from pgrepl.producer.output import KafkaFactory, KafkaOutput, Retry, producer_settings
 from pgrepl.producer.session import Session
 from pgrepl.topics import TopicInfo, TopicMapInput, normalize_topic_map
 
 log = logging.getLogger("pgrepl.producer")
+
+#: A session that streamed this long was healthy: the next failure retries quickly again.
+HEALTHY_SESSION = 30.0
 
 
 @dataclass
@@ -36,6 +45,7 @@ class ProducerStats:
     bytes_received: int = 0
     confirmed_lsn: int = 0
     sessions: int = 0
+    role: str = "starting"  # starting / standby / active / stopped
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -48,6 +58,13 @@ class Producer:
     ``truncate`` is ``"error"`` (default) or ``"skip"``. ``kafka_factory`` makes the Kafka
     client from its settings (default ``confluent_kafka.Producer``): a hook for applications
     that wrap the client, and for benchmarks.
+
+    Safety: ``on_slot_loss`` says what a slot that vanished or was invalidated after use
+    does (``"fail"``, the default: stop with the last confirmed position); ``history_topic``
+    is the compacted Kafka topic where that position is remembered; ``allow_repartition``
+    accepts a changed partition count (keys move); ``split_key_changes`` writes an Update that
+    changes the partition key as Delete + Insert (False: one Update, as the original library);
+    ``failover`` creates the slot as a failover slot (default: on PostgreSQL 17+).
     """
 
     def __init__(
@@ -69,6 +86,11 @@ class Producer:
         gather_seconds: float = 0.0005,
         handle_signals: bool = True,
         kafka_factory: Optional[KafkaFactory] = None,
+        on_slot_loss: str = "fail",
+        history_topic: str = DEFAULT_HISTORY_TOPIC,
+        allow_repartition: bool = False,
+        split_key_changes: bool = True,
+        failover: Optional[bool] = None,
     ) -> None:
         if not isinstance(pg_dsn, str) or not pg_dsn:
             raise ConfigError("pg_dsn must be a PostgreSQL connection string")
@@ -79,6 +101,11 @@ class Producer:
             raise ConfigError("publication must be a non-empty name")
         if truncate not in ("error", "skip"):
             raise ConfigError(f"truncate must be 'error' or 'skip', got {truncate!r}")
+        if on_slot_loss not in ("fail",):
+            raise ConfigError(f"on_slot_loss must be 'fail', got {on_slot_loss!r}")
+        if not isinstance(history_topic, str) or not history_topic:
+            raise ConfigError("history_topic must be a Kafka topic name")
+        dsn_params(pg_dsn)  # a DSN that does not parse is a configuration error now, not at first connect
         self.pg_dsn = pg_dsn
         self.brokers = brokers
         self.slot = slot
@@ -96,6 +123,16 @@ class Producer:
         self.kafka_config = producer_settings(kafka_config or {}, brokers)
         self.kafka_config["error_cb"] = self._on_kafka_error
         self.kafka_factory: KafkaFactory = kafka_factory or KafkaProducer
+        self.on_slot_loss = on_slot_loss
+        self.history_topic = history_topic
+        self.allow_repartition = allow_repartition
+        self.split_key_changes = split_key_changes
+        self.failover = failover
+        self._user_kafka_config = dict(kafka_config or {})
+        self.instance = uuid.uuid4().hex[:16]
+        self.lease = SlotLease(pg_dsn, slot, self.instance)
+        self.history: SlotHistory  # made with the Kafka client, in start()
+        self.slot_records: Dict[bytes, SlotRecord] = {}
         self.stats = ProducerStats()
         self.waker = Waker()
         self.fatal: Optional[PgreplError] = None
@@ -128,6 +165,12 @@ class Producer:
         self.handle_signals = False
         await run_in_thread(self.start, self.stop)
 
+    def set_role(self, role: str) -> None:
+        """Record (and log, when it changes) whether this producer streams or waits."""
+        if role != self.stats.role:
+            log.info("producer %s for slot %s: %s -> %s", self.instance, self.slot, self.stats.role, role)
+            self.stats.role = role
+
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.fatal = DeliveryError(f"fatal Kafka producer error: {err.str()}")
@@ -140,21 +183,26 @@ class Producer:
     def _run(self) -> None:
         output = KafkaOutput(self.kafka_config, self.kafka_factory,
                              should_stop=lambda: self.waker.is_set or self.fatal is not None)
+        self.history = SlotHistory(output.client, self.brokers, self._user_kafka_config, self.history_topic)
         backoff = 0.5
         try:
             while not self.waker.is_set:
+                started = time.monotonic()
                 try:
                     Session(self, output).run()
-                    backoff = 0.5
                 except Retry as exc:
                     if self.waker.is_set:
                         break
+                    if time.monotonic() - started > HEALTHY_SESSION:
+                        backoff = 0.5  # it was working: a new failure starts the backoff over
                     log.warning("%s; retrying in %.1f s", exc, backoff)
                     self.waker.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                 if self.fatal is not None:
                     raise self.fatal
         finally:
+            self.lease.release()
+            self.set_role("stopped")
             remaining = output.flush(self.stop_timeout)
             if remaining:
                 log.warning("stopped with %d records undelivered; they will be produced again on restart", remaining)

@@ -1,27 +1,31 @@
-"""One replication session: preflight, START_REPLICATION, the stream loop, the final confirmation.
+"""One replication session: lease, preflight, slot, START_REPLICATION, the stream loop, the final confirmation.
 
 The loop reads every pgoutput message available (decoded in C by ``ReplicationStream`` into a
 ``Batch``), produces the batch through ``KafkaOutput`` and moves the slot's confirmed flush
-position only as far as the ``DeliveryTracker`` has proof of delivery.
+position only as far as the ``DeliveryTracker`` has proof of delivery. While streaming it checks
+that it still holds the lease, records the confirmed position in the slot history, and treats
+a server that stays silent past its own ``wal_sender_timeout`` as gone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Tuple, cast
+from typing import TYPE_CHECKING, Any, Optional, Tuple, cast
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
 from pgrepl._core import Batch, Decoder, ReplicationStream
-from pgrepl.errors import DeliveryError, PgreplError, StreamError
+from pgrepl.errors import ConfigError, DeliveryError, PgreplError, SlotLostError, StreamError
 from pgrepl.lsn import format_lsn
 from pgrepl.postgres import preflight
-from pgrepl.postgres.connect import connect, publication_option
-from pgrepl.postgres.slot import ensure_slot
+from pgrepl.postgres.connect import connect, publication_option, query_one
+from pgrepl.postgres.lease import LeaseLost
+from pgrepl.postgres.slot import SlotInfo, check_slot, create_slot, get_slot, slot_lost_message
 from pgrepl.producer.delivery import DeliveryTracker
+from pgrepl.producer.history import SlotRecord, history_key
 from pgrepl.producer.output import KafkaOutput, Retry
 
 if TYPE_CHECKING:
@@ -29,25 +33,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgrepl.producer")
 
+LEASE_CHECK_INTERVAL = 2.0
+HISTORY_INTERVAL = 2.0
+
 
 class Session:
-    """One replication connection of ``producer``, from preflight to stop or failure."""
+    """One replication connection of ``producer``, from the lease to stop or failure."""
 
     def __init__(self, producer: "Producer", output: KafkaOutput) -> None:
         self.producer = producer
         self.output = output
         self.stats = producer.stats
+        self.record: Optional[SlotRecord] = None
 
     def run(self) -> None:
-        """Check, connect, stream until stopped; ``Retry`` for what a reconnect may fix."""
-        conn, start_lsn = self._preflight()
+        """Hold the lease, check, connect, stream until stopped; ``Retry`` for what a reconnect may fix."""
+        producer = self.producer
+        if not self._hold_lease():
+            return
+        conn = producer.lease.connection
         rconn = None
         try:
-            decoder = Decoder(self.producer.topic_map, truncate=self.producer.truncate)  # type: ignore[arg-type]
-            for topic, count in self.output.partition_counts(self.producer.topic_map).items():
-                decoder.set_partition_count(topic, count)
+            preflight.check_server(conn)
+            publication = preflight.load_publication(conn, producer.publication)
+            preflight.check_publication(publication, producer.topic_map)
             try:
-                rconn = connect(self.producer.pg_dsn, replication=True)
+                rconn = connect(producer.pg_dsn, replication=True, application_name=producer.lease.application_name)
+            except psycopg2.OperationalError as exc:
+                raise Retry(f"cannot open the replication connection: {str(exc).strip()}") from None
+            system_identifier, database = self._identify(rconn)
+            slot = self._slot(conn, system_identifier, database)
+            counts = self.output.partition_counts(producer.topic_map)
+            self._check_partition_counts(counts)
+            decoder = Decoder(producer.topic_map, truncate=producer.truncate,  # type: ignore[arg-type]
+                              split_key_changes=producer.split_key_changes)
+            for topic, count in counts.items():
+                decoder.set_partition_count(topic, count)
+            start_lsn = slot.confirmed_flush_lsn or 0
+            try:
                 rcur = cast(psycopg2.extras.ReplicationCursor, rconn.cursor())
                 rcur.start_replication_expert(self._start_command(start_lsn), decode=False)  # type: ignore[no-untyped-call]
                 stream = ReplicationStream(rconn)
@@ -55,52 +78,123 @@ class Session:
                 raise Retry(f"cannot start replication: {str(exc).strip()}") from None
             self.stats.sessions += 1
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, start_lsn)
-            log.info("streaming slot %s of publication %s from %s into Kafka at %s", self.producer.slot,
-                     self.producer.publication, format_lsn(start_lsn), self.output.brokers)
-            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn))
+            log.info("streaming slot %s of publication %s from %s into Kafka at %s", producer.slot,
+                     producer.publication, format_lsn(start_lsn), self.output.brokers)
+            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn), self._receive_deadline(conn))
         except StreamError as exc:
             raise Retry(f"replication connection lost: {exc}") from None
+        except LeaseLost as exc:
+            raise Retry(str(exc)) from None
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            producer.lease.release()
+            raise Retry(f"PostgreSQL connection lost: {str(exc).strip()}") from None
         finally:
-            for c in (rconn, conn):
-                if c is not None:
-                    try:
-                        c.close()
-                    except Exception:  # already broken
-                        pass
+            if rconn is not None:
+                try:
+                    rconn.close()
+                except Exception:  # already broken
+                    pass
+
+    # -- lease and slot -----------------------------------------------------------------------
+
+    def _hold_lease(self) -> bool:
+        """Make sure this producer holds the lease (waiting as a standby if needed); False on stop."""
+        producer = self.producer
+        lease = producer.lease
+        if lease.held:
+            try:
+                lease.check()
+                return True
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+        producer.set_role("standby" if producer.stats.role == "active" else producer.stats.role)
+        try:
+            acquired = lease.acquire(producer.waker, on_wait=lambda: producer.set_role("standby"))
+        except psycopg2.OperationalError as exc:
+            raise Retry(f"cannot reach PostgreSQL for the slot lease: {str(exc).strip()}") from None
+        if acquired:
+            producer.set_role("active")
+            self.record = None  # another producer may have moved the slot: read its history again
+        return acquired
+
+    def _identify(self, rconn: Any) -> Tuple[str, str]:
+        """The server's system identifier and the database (IDENTIFY_SYSTEM on the replication connection)."""
+        with rconn.cursor() as cur:
+            cur.execute("IDENTIFY_SYSTEM")
+            row = cur.fetchone()
+        return str(row[0]), str(row[3])
+
+    def _slot(self, conn: psycopg2.extensions.connection, system_identifier: str, database: str) -> SlotInfo:
+        """The slot to stream from: created on first use, never silently recreated, freed from stale holders."""
+        producer = self.producer
+        key = history_key(system_identifier, database, producer.slot)
+        record = producer.slot_records.get(key)
+        if record is None:
+            record = producer.history.load(key)
+        info = get_slot(conn, producer.slot)
+        if info is None:
+            if record is not None:
+                raise SlotLostError(slot_lost_message(producer.slot, f"missing on database {database}",
+                                                      record.confirmed_lsn), producer.slot, record.confirmed_lsn)
+            info = create_slot(conn, producer.slot, failover=producer.failover)
+        check_slot(info, database, record.confirmed_lsn if record is not None else None)
+        if record is None:
+            record = SlotRecord(producer.slot, database, system_identifier, info.confirmed_flush_lsn or 0,
+                                instance=producer.instance)
+            producer.history.save(record, wait=30.0)  # remembered before anything is streamed
+        producer.slot_records[key] = record
+        self.record = record
+        freed = producer.lease.wait_until_free(conn, producer.waker)
+        if freed is None:
+            if producer.waker.is_set:
+                raise Retry("stopping")
+            raise SlotLostError(slot_lost_message(producer.slot, f"missing on database {database}",
+                                                  record.confirmed_lsn), producer.slot, record.confirmed_lsn)
+        return freed
+
+    def _check_partition_counts(self, counts: dict) -> None:  # type: ignore[type-arg]
+        """A topic's partition count may not change under the producer (keys would move) unless accepted."""
+        record = self.record
+        assert record is not None
+        changed = {t: (record.partition_counts[t], n) for t, n in counts.items()
+                   if t in record.partition_counts and record.partition_counts[t] != n}
+        if changed and not self.producer.allow_repartition:
+            what = ", ".join(f"{t}: {old} -> {new}" for t, (old, new) in sorted(changed.items()))
+            raise ConfigError(f"partition counts changed ({what}): records of a key would move to another "
+                              "partition and could be applied out of order; if that is acceptable (consumers "
+                              "caught up, or keyed sinks), start once with allow_repartition=True")
+        if changed:
+            log.warning("partition counts changed (%s); accepted (allow_repartition)", changed)
+        if counts != record.partition_counts:
+            record.partition_counts = dict(counts)
+            self.producer.history.save(record, wait=30.0)
 
     def _start_command(self, start_lsn: int) -> str:
         option = publication_option(self.producer.publication).replace("'", "''")
         return (f"START_REPLICATION SLOT {self.producer.slot} LOGICAL {format_lsn(start_lsn)} "
                 f"(proto_version '1', publication_names '{option}')")
 
-    def _preflight(self) -> Tuple[psycopg2.extensions.connection, int]:
-        producer = self.producer
-        try:
-            conn = connect(producer.pg_dsn)
-        except psycopg2.OperationalError as exc:
-            raise Retry(str(exc).strip()) from None
-        try:
-            preflight.check_server(conn)
-            publication = preflight.load_publication(conn, producer.publication)
-            preflight.check_publication(publication, producer.topic_map)
-            slot = ensure_slot(conn, producer.slot)
-        except psycopg2.OperationalError as exc:
-            conn.close()
-            raise Retry(f"PostgreSQL connection lost during checks: {str(exc).strip()}") from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn, slot.confirmed_flush_lsn or 0
+    def _receive_deadline(self, conn: psycopg2.extensions.connection) -> float:
+        """Seconds of silence after which the server counts as gone: its own ``wal_sender_timeout``
+        (it ends the connection itself after that much silence from us), 60 s when that is off."""
+        (timeout_ms,) = query_one(conn, "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'")
+        return max(int(timeout_ms) / 1000.0, 10.0) if int(timeout_ms) > 0 else 60.0
 
-    def _stream(self, conn: Any, stream: ReplicationStream, decoder: Decoder, tracker: DeliveryTracker) -> None:
+    # -- streaming ------------------------------------------------------------------------------
+
+    def _stream(self, conn: Any, stream: ReplicationStream, decoder: Decoder, tracker: DeliveryTracker,
+                deadline: float) -> None:
         producer = self.producer
         output = self.output
         stats = self.stats
         sent_flush = -1
+        now = time.monotonic()
         last_feedback = 0.0
-        next_status = time.monotonic() + producer.status_interval
+        next_status = now + producer.status_interval
+        next_lease_check = now + LEASE_CHECK_INTERVAL
         last_status_records = stats.records
-        last_status_time = time.monotonic()
+        last_status_time = now
+        last_heard, heard_count, probed = now, -1, False
         waker = producer.waker
         sock = stream.fileno()
         clean = False
@@ -139,6 +233,20 @@ class Session:
                     self._confirm(stream, confirmed)
                     sent_flush = confirmed
                     last_feedback = now
+                heard = stream.messages + stream.keepalives
+                if heard != heard_count:
+                    last_heard, heard_count, probed = now, heard, False
+                elif now - last_heard > deadline:
+                    raise StreamError(f"nothing from the server for {now - last_heard:.0f} s "
+                                      f"(wal_sender_timeout {deadline:.0f} s): the connection is dead")
+                elif not probed and now - last_heard > deadline / 4:
+                    stream.send_feedback(sent_flush if sent_flush >= 0 else 0, sent_flush if sent_flush >= 0 else 0,
+                                         reply=True)  # ask for a keepalive: is anyone there?
+                    probed = True
+                if now >= next_lease_check:
+                    producer.lease.check()
+                    self._remember(sent_flush)
+                    next_lease_check = now + LEASE_CHECK_INTERVAL
                 if now >= next_status:
                     rate = (stats.records - last_status_records) / max(now - last_status_time, 1e-9)
                     self._log_status(conn, rate, confirmed)
@@ -153,6 +261,13 @@ class Session:
             stats.messages = stream.messages
             stats.bytes_received = stream.bytes_received
             self._finish(stream, decoder, tracker, clean)
+
+    def _remember(self, confirmed: int) -> None:
+        """Record the confirmed position in the slot history when it moved (asynchronously)."""
+        record = self.record
+        if record is not None and confirmed > record.confirmed_lsn:
+            record.confirmed_lsn = confirmed
+            self.producer.history.save(record)
 
     def _wait_for_data(self, stream: ReplicationStream, sock: int, batch: Batch, tracker: DeliveryTracker) -> None:
         """Caught up: sleep until the walsender sends more (or a stop), then let a trickle gather."""
@@ -184,6 +299,8 @@ class Session:
             log.info("confirmed slot %s up to %s", producer.slot, format_lsn(confirmed))
         except StreamError as exc:
             log.warning("could not send the final status update: %s", exc)
+        if clean:
+            self._remember(confirmed)
 
     def _confirm(self, stream: ReplicationStream, lsn: int) -> None:
         """Report ``lsn`` as written and flushed: the slot's confirmed position follows it."""
@@ -193,10 +310,10 @@ class Session:
     def _log_status(self, conn: Any, rate: float, confirmed: int) -> None:
         lag = "?"
         try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (format_lsn(confirmed),))
-                lag = str(int(cur.fetchone()[0]))
-        except psycopg2.Error:
+            (lag_bytes,) = query_one(conn, "SELECT pg_current_wal_lsn() - %s::pg_lsn", (format_lsn(confirmed),))
+            lag = str(int(lag_bytes))
+        except (psycopg2.Error, LookupError):
             pass
         log.info("status: %.0f rows/s, %d rows total, confirmed %s, lag %s bytes",
                  rate, self.stats.records, format_lsn(confirmed), lag)
+

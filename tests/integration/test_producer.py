@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import random
 import string
+import time
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import orjson
 import psycopg2
@@ -40,17 +41,21 @@ def rows_text(cur: psycopg2.extensions.cursor, table: str, columns: List[str]) -
     return {row[0]: tuple(row) for row in cur.fetchall()}
 
 
-def diff_ops(before: Dict, after: Dict) -> List[Tuple[str, Optional[tuple], Optional[tuple]]]:
-    """The row changes a single-statement transaction made, in id order (as PostgreSQL scans them)."""
-    ops = []
+def diff_ops(before: Dict, after: Dict, key_column: int = 1) -> List[Tuple[str, Optional[tuple], Optional[tuple]]]:
+    """The records a single-statement transaction makes, in id order (as PostgreSQL scans them): an
+    update that changes the partition key (column ``key_column``) is a Delete plus an Insert."""
+    ops: List[Tuple[str, Optional[tuple], Optional[tuple]]] = []
     for key in sorted(set(before) | set(after), key=int):
         old, new = before.get(key), after.get(key)
         if old is None and new is not None:
             ops.append(("Insert", None, new))
         elif old is not None and new is None:
             ops.append(("Delete", old, None))
-        elif old != new:
-            ops.append(("Update", old, new))
+        elif old is not None and new is not None and old != new:
+            if old[key_column] != new[key_column]:
+                ops += [("Delete", old, None), ("Insert", None, new)]
+            else:
+                ops.append(("Update", old, new))
     return ops
 
 
@@ -254,22 +259,50 @@ def test_idle_publication_on_busy_database_advances_the_slot(pg_dsn: str, kafka_
     drop_replication_slot(f"{p}slot")
 
 
-def test_stale_slot_holder_is_terminated(pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def _hold_slot(dsn: str, p: str, application_name: str) -> Any:
+    """A replication connection streaming from ``{p}slot`` under ``application_name``."""
+    holder = psycopg2.connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection,
+                              application_name=application_name)
+    holder.cursor().start_replication(slot_name=f"{p}slot", decode=False,
+                                      options={"proto_version": "1", "publication_names": f"{p}pub"})
+    wait_for(lambda: slot_state(dsn, f"{p}slot")[1] is not None, what="the slot's holder")
+    return holder
+
+
+def test_a_holder_that_is_not_pgrepl_is_waited_for_never_terminated(
+        pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, caplog: pytest.LogCaptureFixture) -> None:
     p = name_prefix
     execute(pg_dsn, f"CREATE TABLE {p}t (id int PRIMARY KEY)", f"ALTER TABLE {p}t REPLICA IDENTITY FULL",
             f"CREATE PUBLICATION {p}pub FOR TABLE {p}t")
     execute(pg_dsn, f"SELECT pg_create_logical_replication_slot('{p}slot', 'pgoutput')")
-    stale = psycopg2.connect(pg_dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
-    stale.cursor().start_replication(slot_name=f"{p}slot", decode=False,
-                                     options={"proto_version": "1", "publication_names": f"{p}pub"})
-    wait_for(lambda: slot_state(pg_dsn, f"{p}slot")[1] is not None, what="the stale holder")
+    other = _hold_slot(pg_dsn, p, "someone-elses-tool")
+    holder_pid = slot_state(pg_dsn, f"{p}slot")[1]
+    producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", {f"{p}t": {"name": f"{p}t"}})
+    with caplog.at_level(logging.WARNING, logger="pgrepl"):
+        with running(producer):
+            execute(pg_dsn, f"INSERT INTO {p}t VALUES (1)")
+            wait_for(lambda: "(someone-elses-tool); waiting for it to be released" in caplog.text, what="the warning")
+            time.sleep(6)  # longer than the grace a leaseless pgrepl holder gets
+            assert slot_state(pg_dsn, f"{p}slot")[1] == holder_pid and producer.stats.records == 0
+            other.close()  # the holder goes: the producer takes the slot and streams
+            wait_for(lambda: producer.stats.records == 1, what="the record")
+    drop_replication_slot(f"{p}slot")
+
+
+def test_a_pgrepl_holder_without_the_lease_is_terminated(
+        pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, caplog: pytest.LogCaptureFixture) -> None:
+    """A walsender of another pgrepl producer that does not hold the lease (dead, or cut off) is ended."""
+    p = name_prefix
+    execute(pg_dsn, f"CREATE TABLE {p}t (id int PRIMARY KEY)", f"ALTER TABLE {p}t REPLICA IDENTITY FULL",
+            f"CREATE PUBLICATION {p}pub FOR TABLE {p}t")
+    execute(pg_dsn, f"SELECT pg_create_logical_replication_slot('{p}slot', 'pgoutput')")
+    stale = _hold_slot(pg_dsn, p, "pgrepl/0123456789abcdef")
     producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", {f"{p}t": {"name": f"{p}t"}})
     with caplog.at_level(logging.WARNING, logger="pgrepl"):
         with running(producer):
             execute(pg_dsn, f"INSERT INTO {p}t VALUES (1)")
             wait_for(lambda: producer.stats.records == 1, what="the record")
-    assert "is in use by backend pid" in caplog.text
+    assert "of pgrepl/0123456789abcdef, which does not hold the lease" in caplog.text
     stale.close()
     drop_replication_slot(f"{p}slot")
 

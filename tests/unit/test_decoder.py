@@ -27,7 +27,8 @@ def records(dec: Decoder, payloads: List[bytes]) -> List[Record]:
 
 
 def test_insert_update_delete_exact_bytes() -> None:
-    dec = new_decoder()
+    """Byte for byte the original library's records (split_key_changes=False keeps its Update)."""
+    dec = new_decoder(split_key_changes=False)
     out = records(dec, [
         m.begin(0x1_0000_0010),
         m.insert(REL, ["1", "o1", "hello"]),
@@ -43,6 +44,29 @@ def test_insert_update_delete_exact_bytes() -> None:
     ]
     assert [r.key for r in out] == [b"o1", b"o2", b"o2"]
     assert [(r.topic, r.lsn, r.seq_id) for r in out] == [("inv_topic", 4294967312, i) for i in range(3)]
+
+
+def test_an_update_that_changes_the_key_becomes_delete_plus_insert() -> None:
+    """By default a row that moves to another key leaves its old partition with a Delete and
+    arrives in its new one with an Insert: each key's history stays in one partition."""
+    dec = new_decoder()
+    dec.set_partition_count("inv_topic", 8)
+    batch = dec.decode_batch([
+        m.begin(0x1_0000_0010),
+        m.update(REL, ["1", "o1", "a"], ["1", "o1", "b"]),  # same key: one Update
+        m.update(REL, ["1", "o1", "b"], ["1", "o2", m.UNCHANGED]),  # key change, TOASTed body kept
+        m.delete(REL, ["1", "o2", "b"]),
+        m.commit(0x1_0000_0010, 0x1_0000_0040),
+    ])
+    ops = [ReplicationOp.from_json(v) for v in batch.values]
+    assert [(o.op.kind, o.seq_id) for o in ops] == [("Update", 0), ("Delete", 1), ("Insert", 2), ("Delete", 3)]
+    assert ops[1].op.old == ("1", "o1", "b") and ops[2].op.new == ("1", "o2", "b")
+    assert batch.keys == [b"o1", b"o1", b"o2", b"o2"]
+    from pgrepl._core import key_partition
+    assert batch.partitions == [key_partition(k, 8) for k in batch.keys]
+    dec.decode(m.begin(0x1_0000_0050))
+    split = dec.decode(m.update(REL, ["2", "o1", "x"], ["2", "o3", "x"]))
+    assert isinstance(split, tuple) and [r.key for r in split] == [b"o1", b"o3"]
 
 
 def test_values_parse_back_and_reserialize_identically() -> None:
@@ -75,13 +99,13 @@ def test_no_partition_key_means_no_key() -> None:
 
 
 def test_update_key_from_new_row_delete_key_from_old_row() -> None:
-    dec = new_decoder()
+    dec = new_decoder(split_key_changes=False)
     out = records(dec, [m.begin(5), m.update(REL, ["1", "old", "x"], ["1", "new", "x"]), m.delete(REL, ["1", "gone", "x"])])
     assert [r.key for r in out] == [b"new", b"gone"]
 
 
 def test_unchanged_toast_is_filled_from_old_row() -> None:
-    dec = new_decoder()
+    dec = new_decoder(split_key_changes=False)
     big = "x" * 5000
     out = records(dec, [m.begin(5), m.update(REL, ["1", "o", big], ["1", "o2", m.UNCHANGED])])
     assert ReplicationOp.from_json(out[0].value).op == ReplicationOp.from_json(out[0].value).op.update(["1", "o", big], ["1", "o2", big])

@@ -30,7 +30,7 @@ VALID_STREAM: List[bytes] = [
 
 
 def fresh_decoder() -> Decoder:
-    return Decoder({"inv": {"name": "inv", "partition_key": ["org"]}}, truncate="skip")
+    return Decoder({"inv": {"name": "inv", "partition_key": ["org"]}}, truncate="skip", split_key_changes=False)
 
 
 def test_valid_stream_decodes() -> None:

@@ -55,11 +55,24 @@ def test_mixed_known_and_unknown_topics_markers_are_sorted() -> None:
     assert batch.markers == [1, 2, 3]
 
 
-def test_keyless_records_round_robin() -> None:
+def test_keyless_records_go_to_their_tables_partition() -> None:
+    """Without a key the partition comes from the table's name: stable across sessions and
+    replays (a round-robin counter restarts with every session and would move a replay)."""
     dec = decoder(partitions=3, key=False)
-    batch = dec.decode_batch([m.begin(10)] + [m.insert(REL, [str(i), "v"]) for i in range(7)])
-    assert batch.partitions == [0, 1, 2, 0, 1, 2, 0]
-    assert batch.markers == [4, 5, 6]
+    payloads = [m.begin(10)] + [m.insert(REL, [str(i), "v"]) for i in range(7)]
+    batch = dec.decode_batch(payloads)
+    expected = key_partition(b"public.t", 3)
+    assert batch.partitions == [expected] * 7
+    assert batch.markers == [6]
+    again = decoder(partitions=3, key=False).decode_batch(payloads)  # a new session: same placement
+    assert again.partitions == batch.partitions
+
+
+def test_empty_key_values_go_to_their_tables_partition() -> None:
+    dec = decoder(partitions=5)
+    batch = dec.decode_batch([m.begin(10), m.insert(REL, ["", "v"]), m.insert(REL, ["", "w"])])
+    assert batch.keys == [b"", b""]
+    assert batch.partitions == [key_partition(b"public.t", 5)] * 2
 
 
 def test_markers_reset_between_batches_and_after_errors() -> None:
