@@ -1,5 +1,5 @@
 """The consumer: ReplicationOps back from Kafka, handed to your code in partition order."""
 
-from pgrepl.consumer.consumer import Consumer, ConsumerStats
+from pgrepl.consumer.consumer import Consumer, ConsumerStats, StopConsuming
 
-__all__ = ["Consumer", "ConsumerStats"]
+__all__ = ["Consumer", "ConsumerStats", "StopConsuming"]
