@@ -163,6 +163,7 @@ class FailurePolicy:
         self._rewind(part, offset + 1, 0.0)
 
     def _backoff(self, attempts: int) -> float:
+        """Seconds to wait before attempt ``attempts + 1``: doubling from ``retry_backoff``, capped."""
         return float(min(self.retry_backoff * (2 ** min(attempts - 1, 30)), self.max_backoff))
 
     def _rewind(self, part: PartitionState, offset: int, delay: float) -> None:

@@ -120,6 +120,7 @@ class ConsumerLoop:
             self._status(now)
 
     def _status(self, now: float) -> None:
+        """Log the status line: rate since the last one and the totals."""
         stats = self.stats
         done = stats.handled + stats.skipped
         rate = (done - self._last_status[1]) / max(now - self._last_status[0], 1e-9)
@@ -130,6 +131,7 @@ class ConsumerLoop:
         self._next_status = now + self.status_interval
 
     def _close(self) -> None:
+        """Commit (unless ``commit_offsets=False``), leave the group, flush the dead-letter producer."""
         if self.commit_offsets:
             commit_stored(self.kafka, "stopping")
         try:
@@ -167,15 +169,17 @@ class ConsumerLoop:
                     self.group_id, _describe(partitions))
 
     def _forget(self, kafka: Any, partitions: List[TopicPartition]) -> None:
+        """Drop the partitions' state; lift their pauses so that none is carried into a later assignment."""
         paused = self.partitions.forget((tp.topic, tp.partition) for tp in partitions)
         if paused:
             try:
                 kafka.resume([TopicPartition(state.topic, state.partition) for state in paused])
-            except KafkaException:  # do not carry a pause into a later assignment
+            except KafkaException:
                 pass
 
 
 def _describe(partitions: List[TopicPartition]) -> str:
+    """``topic [0, 1]; other [3]`` for log lines."""
     if not partitions:
         return "no partitions"
     by_topic: Dict[str, List[int]] = {}

@@ -117,6 +117,7 @@ class PostgresSink:
 
     @property
     def table_text(self) -> str:
+        """The state table's name as SQL text, for messages."""
         return ".".join(quote_ident(p) for p in self.table)
 
     def connect(self) -> Any:
@@ -210,6 +211,7 @@ class PostgresSink:
             self.discard(conn)
 
     def acquire(self) -> Any:
+        """An idle connection, or a new one."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -217,6 +219,7 @@ class PostgresSink:
         return self.connect()
 
     def release(self, conn: Any) -> None:
+        """Give a healthy connection back (closed when ``size`` are idle already)."""
         if conn.closed:
             return
         with self._lock:
@@ -226,12 +229,14 @@ class PostgresSink:
         self._idle.put(conn)
 
     def discard(self, conn: Any) -> None:
+        """Close a broken connection."""
         try:
             conn.close()
         except Exception:  # already broken
             pass
 
     def close(self) -> None:
+        """Close the idle connections (the consumer stopped)."""
         while True:
             try:
                 self._idle.get_nowait().close()

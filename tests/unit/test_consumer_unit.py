@@ -16,8 +16,11 @@ from confluent_kafka import KafkaError, TopicPartition
 from pgrepl import ConfigError, ConsumerError, HandlerError, Op, ReplicationOp
 from pgrepl.consumer import Consumer, StopConsuming
 from pgrepl.consumer.consumer import DEFAULT_KAFKA_CONFIG
+from pgrepl._runtime import Waker
 from pgrepl.consumer.outcome import Fatal
-from pgrepl.consumer.partitions import Partitions
+from pgrepl.consumer.partitions import Partitions, PartitionState
+from pgrepl.consumer.runners import IdempotentRunner, TimeBudget
+from pgrepl.sink.postgres import Applied, HandlerEndedTransaction
 
 
 # ------------------------------------------------------------------------------------------
@@ -467,3 +470,63 @@ def test_fatal_error_event_among_the_records_is_raised() -> None:
     with pytest.raises(Fatal, match="fatal Kafka consumer error: gone") as info:
         parts.group([FakeMsg("t", 0, 0, None, KafkaError(KafkaError._FATAL, "gone", fatal=True))])
     assert isinstance(info.value.error, ConsumerError)
+
+
+# ------------------------------------------------------------------------------------------
+# The idempotent runner on a stand-in sink (the real transaction: tests/integration)
+# ------------------------------------------------------------------------------------------
+
+
+class FakeSink:
+    """``PostgresSink.apply`` stand-in: applies ops above its position, or raises ``error`` once."""
+
+    def __init__(self) -> None:
+        self.position = (-1, -1)
+        self.calls: List[Tuple[List[int], Optional[Tuple[int, int]]]] = []  # (offsets, known)
+        self.error: Optional[BaseException] = None
+
+    def apply(self, topic: str, partition: int, ops: List[ReplicationOp], offsets: List[int],
+              handler: Callable[[Any, List[ReplicationOp]], Any], known: Optional[Tuple[int, int]] = None) -> Applied:
+        self.calls.append((list(offsets), known))
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        new = [op for op in ops if op.position > self.position]
+        handler(None, new)
+        if new:
+            self.position = new[-1].position
+        return Applied(len(new), len(ops) - len(new), 1 if new else 0, self.position)
+
+
+def run_idempotent(sink: FakeSink, part: PartitionState, values: List[bytes], waker: Waker) -> Any:
+    budget = TimeBudget(60.0, waker)
+    budget.start()
+    runner = IdempotentRunner(sink, lambda cur, ops: None, 2, budget)  # type: ignore[arg-type]
+    return runner(part, [FakeMsg("t", 0, 10 + i, value) for i, value in enumerate(values)])
+
+
+def test_idempotent_runner_applies_batches_and_remembers_the_position() -> None:
+    sink, part, waker = FakeSink(), PartitionState("t", 0), Waker()
+    sink.position = (1, 1)  # the sink already has the first two ops: a replay
+    out = run_idempotent(sink, part, [op_json(1, i) for i in range(5)], waker)
+    assert sink.calls == [([10, 11], None), ([12, 13], (1, 1)), ([14], (1, 3))]
+    assert (out.handled, out.skipped, out.transactions, out.done.offset()) == (3, 2, 2, 14)
+    assert part.position == (1, 4) and out.failure is None and out.rest is None
+
+
+def test_idempotent_runner_failures() -> None:
+    sink, part, waker = FakeSink(), PartitionState("t", 0), Waker()
+    part.position = (1, 0)
+    sink.error = RuntimeError("deadlock")
+    out = run_idempotent(sink, part, [op_json(1, 1), op_json(1, 2)], waker)
+    assert out.failure.batch_end == 11 and out.failure.msg.offset() == 10 and out.done is None
+    assert part.position is None  # unknown whether it committed: reloaded from the sink
+    sink.error = HandlerEndedTransaction()
+    with pytest.raises(Fatal) as info:
+        run_idempotent(sink, part, [op_json(1, 1)], waker)
+    error = info.value.error
+    assert isinstance(error, HandlerError) and (error.offset, error.lsn, error.seq_id) == (10, 1, 1)
+    assert "must not COMMIT or ROLLBACK" in str(error)
+    sink.error = StopConsuming()
+    out = run_idempotent(sink, part, [op_json(1, 1)], waker)
+    assert out.rest.offset() == 10 and out.done is None and waker.is_set
