@@ -37,7 +37,7 @@ def _consume(args: argparse.Namespace) -> int:
     """``pgrepl consume``: ops as JSON lines on stdout; a record that is not an op stops it (exit 1)."""
     import orjson
 
-    from pgrepl.consumer.consumer import Consumer, _StopRequest
+    from pgrepl.consumer import Consumer, StopConsuming
 
     kafka_config = {}
     for item in args.kafka:
@@ -60,9 +60,9 @@ def _consume(args: argparse.Namespace) -> int:
             out.flush()
         except BrokenPipeError:  # the reader went away (| head): stop, without committing this batch
             sys.stdout = open(os.devnull, "w")
-            raise _StopRequest() from None
+            raise StopConsuming() from None
 
-    consumer._start_basic_records(write)
+    consumer.start_basic_batch(write, with_records=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The exactly-once PostgreSQL sink: its connections and the state table that remembers positions.
+"""The exactly-once PostgreSQL sink: its connections, the state table that remembers positions, and
+the transaction that applies a batch of ops together with the new position (``PostgresSink.apply``).
 
 State table (created if missing, name from ``state_table``)::
 
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import psycopg2
+import psycopg2.extensions
 from psycopg2 import sql
 
-from pgrepl.errors import ConfigError, first_line
+from pgrepl.errors import ConfigError, ConsumerError, first_line
+from pgrepl.lsn import format_lsn, parse_lsn
+from pgrepl.model import ReplicationOp
 from pgrepl.postgres.connect import connect, quote_ident, redact_dsn
 
 #: Default name of the idempotent mode's state table in the sink database.
@@ -61,8 +65,22 @@ def parse_table_name(name: str) -> Tuple[str, ...]:
     return tuple(parts)
 
 
+class Applied(NamedTuple):
+    """What ``PostgresSink.apply`` did with a batch of ops."""
+
+    applied: int                # ops the handler got, committed with the new position
+    skipped: int                # replays: at or below the position the sink already had
+    transactions: int           # 1 when a transaction with a state update committed, else 0
+    position: Tuple[int, int]   # the partition's (lsn, seq_id) in the sink afterwards
+
+
+class HandlerEndedTransaction(Exception):
+    """The handler committed or rolled back the sink transaction itself: its work may now be
+    committed without the state, so the consumer must stop."""
+
+
 class PostgresSink:
-    """Connections to the sink database and the state table's SQL."""
+    """Connections to the sink database, the state table's SQL, and the exactly-once transaction."""
 
     def __init__(self, dsn: str, table: Tuple[str, ...], group_id: str, size: int) -> None:
         self.dsn = dsn
@@ -99,6 +117,7 @@ class PostgresSink:
 
     @property
     def table_text(self) -> str:
+        """The state table's name as SQL text, for messages."""
         return ".".join(quote_ident(p) for p in self.table)
 
     def connect(self) -> Any:
@@ -129,7 +148,70 @@ class PostgresSink:
             raise
         self.release(conn)
 
+    def apply(self, topic: str, partition: int, ops: List[ReplicationOp], offsets: Sequence[int],
+              handler: Callable[[Any, List[ReplicationOp]], Any],
+              known: Optional[Tuple[int, int]] = None) -> Applied:
+        """Apply ``ops`` of one partition exactly once: ``handler(cursor, new_ops)`` and the position, one transaction.
+
+        The transaction takes the partition's advisory lock, reads the stored position, hands
+        the handler only the ops above it and moves the position (with the Kafka offset of the
+        last one, from ``offsets``, parallel to ``ops``) before it commits. ``known`` is a
+        position this partition committed before: ops all at or below it are skipped without
+        a transaction (positions only grow). Errors are raised after the connection was
+        rolled back (or dropped when broken); ``HandlerEndedTransaction`` when the handler
+        committed or rolled back itself.
+        """
+        if known is not None and not any((op.lsn, op.seq_id) > known for op in ops):
+            return Applied(0, len(ops), 0, known)
+        conn = None
+        try:
+            conn = self.acquire()
+            cur = conn.cursor()
+            cur.execute(self.begin_sql, (f"{self.group_id}\x1f{topic}", partition, self.group_id, topic, partition))
+            row = cur.fetchone()
+            last = (parse_lsn(row[0]), row[1]) if row is not None else (-1, -1)
+            new_ops: List[ReplicationOp] = []
+            last_index = -1
+            for index, op in enumerate(ops):
+                pos = (op.lsn, op.seq_id)
+                if pos > last:
+                    new_ops.append(op)
+                    last = pos
+                    last_index = index
+            if new_ops:
+                handler(cur, new_ops)
+                status = conn.info.transaction_status
+                if status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                    raise HandlerEndedTransaction()
+                if status != psycopg2.extensions.TRANSACTION_STATUS_INTRANS:
+                    raise ConsumerError("the sink transaction is in an error state after the handler returned "
+                                        "(a failed statement was caught and ignored)")
+                cur.execute(self.commit_sql, (self.group_id, topic, partition, format_lsn(last[0]), last[1],
+                                              offsets[last_index]))
+            else:
+                cur.execute("COMMIT")
+            cur.close()
+        except Exception as exc:
+            if conn is not None:
+                self._abandon(conn, exc)
+            raise
+        self.release(conn)
+        return Applied(len(new_ops), len(ops) - len(new_ops), 1 if new_ops else 0, last)
+
+    def _abandon(self, conn: Any, error: BaseException) -> None:
+        """After a failed transaction: roll back and keep the connection, or drop it when broken."""
+        if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) or conn.closed:
+            self.discard(conn)
+            return
+        try:
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+            self.release(conn)
+        except Exception:
+            self.discard(conn)
+
     def acquire(self) -> Any:
+        """An idle connection, or a new one."""
         try:
             return self._idle.get_nowait()
         except queue.Empty:
@@ -137,6 +219,7 @@ class PostgresSink:
         return self.connect()
 
     def release(self, conn: Any) -> None:
+        """Give a healthy connection back (closed when ``size`` are idle already)."""
         if conn.closed:
             return
         with self._lock:
@@ -146,12 +229,14 @@ class PostgresSink:
         self._idle.put(conn)
 
     def discard(self, conn: Any) -> None:
+        """Close a broken connection."""
         try:
             conn.close()
         except Exception:  # already broken
             pass
 
     def close(self) -> None:
+        """Close the idle connections (the consumer stopped)."""
         while True:
             try:
                 self._idle.get_nowait().close()

@@ -1,139 +1,31 @@
-"""Consumer without a broker: the fast record parser, configuration checks, and the per-partition
-failure handling (retry, stop, dead letter, batch isolation) driven through a fake Kafka consumer."""
+"""Consumer without a broker: configuration checks, and the whole poll loop (retry, stop, dead letter,
+batch isolation, workers, time budget, rebalances, StopConsuming) run through ``start_basic*`` on a
+stand-in Kafka client given as ``kafka_factory``; grouping and end-of-partition tracking through
+``Partitions``."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import random
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import orjson
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from confluent_kafka import KafkaError, TopicPartition
 
-from pgrepl import ConfigError, MalformedRecordError, Op, ReplicationOp
-from pgrepl import Consumer, HandlerError
-from pgrepl.consumer.consumer import DEFAULT_KAFKA_CONFIG, _Fatal
-from pgrepl.sink.postgres import parse_table_name as parse_state_table
-
-parse_record = ReplicationOp.from_json
-
-VALID = [
-    b'{"table_name":"inventory","col_names":["id","organization_id"],"lsn":23456789,"seq_id":0,"op":{"Insert":["1","8f14e45f"]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":23456790,"seq_id":1,"op":{"Update":[["old"],["new"]]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":23456790,"seq_id":2,"op":{"Delete":[null]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":18446744073709551615,"seq_id":2,"op":{"Delete":["\\u0001\\"\\\\\xc3\xa9"]}}',
-    b'{"table_name":"t","col_names":[],"lsn":1,"seq_id":0,"op":{"Insert":[]}}',
-    b'{"table_name":"t","col_names":["a","b"],"lsn":1,"seq_id":0,"op":{"Update":[[null,"x"],["y",null]]}}',
-    # other key order: accepted by from_json, so by parse_record too
-    b'{"op":{"Insert":["1"]},"seq_id":3,"lsn":7,"col_names":["a"],"table_name":"t"}',
-]
-
-MALFORMED = [
-    b"not json", b"[1]", b"1", b'"x"', b"null", b"{}", b'{"table_name":"t"}',
-    b'{"table_name":1,"col_names":[],"lsn":1,"seq_id":0,"op":{"Insert":[]}}',
-    b'{"table_name":["t"],"col_names":[],"lsn":1,"seq_id":0,"op":{"Insert":[]}}',
-    b'{"table_name":"t","col_names":[1],"lsn":1,"seq_id":0,"op":{"Insert":[null]}}',
-    b'{"table_name":"t","col_names":"a","lsn":1,"seq_id":0,"op":{"Insert":["x"]}}',
-    b'{"table_name":"t","col_names":[],"lsn":-1,"seq_id":0,"op":{"Insert":[]}}',
-    b'{"table_name":"t","col_names":[],"lsn":true,"seq_id":0,"op":{"Insert":[]}}',
-    b'{"table_name":"t","col_names":[],"lsn":1,"seq_id":1.5,"op":{"Insert":[]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Upsert":["x"]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":["x"],"Delete":["x"]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":["Insert"]}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":"I"}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":["x","y"]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":[1]}}',
-    b'{"table_name":"t","col_names":["a","b"],"lsn":1,"seq_id":0,"op":{"Insert":[null,2]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":"x"}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Update":[["x"]]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Update":[["x"],[2]]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Update":[["x"],"y"]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Delete":[["x"]]}}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":["x"]},"extra":1}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0}',
-    b'{"table_name":"t","col_names":["a"],"lsn":1,"seq_id":0,"op":{"Insert":["\xff"]}}',
-]
-
-
-def test_parse_record_equals_from_json_on_valid_records() -> None:
-    for raw in VALID:
-        fast, slow = parse_record(raw), ReplicationOp.from_json(raw)
-        assert fast == slow
-        assert type(fast) is ReplicationOp and type(fast.op) is Op
-        assert type(fast.col_names) is tuple and all(type(r) is tuple for r in (fast.op.old, fast.op.new) if r is not None)
-        assert fast.to_json() == slow.to_json()
-        assert parse_record(raw) == fast  # column cache hit gives the same
-
-
-def test_parse_record_sets_every_slot() -> None:
-    # parse_record builds objects without __init__: if ops.py grows a field, this must fail
-    assert ReplicationOp.__slots__ == ("table_name", "col_names", "lsn", "seq_id", "op")
-    assert Op.__slots__ == ("kind", "old", "new")
-    op = parse_record(VALID[1])
-    assert [getattr(op, s) for s in ReplicationOp.__slots__] and [getattr(op.op, s) for s in Op.__slots__]
-
-
-@pytest.mark.parametrize("raw", MALFORMED)
-def test_parse_record_rejects_like_from_json(raw: bytes) -> None:
-    with pytest.raises(MalformedRecordError) as slow:
-        ReplicationOp.from_json(raw)
-    with pytest.raises(MalformedRecordError) as fast:
-        parse_record(raw)
-    assert str(fast.value) == str(slow.value)
-
-
-def test_parse_record_rejects_tombstones() -> None:
-    with pytest.raises(MalformedRecordError, match="tombstone"):
-        parse_record(None)
-
-
-values = st.one_of(st.none(), st.text(max_size=8), st.integers(-5, 5), st.booleans(), st.lists(st.none(), max_size=1))
-
-
-@settings(max_examples=300, deadline=None)
-@given(cols=st.lists(st.one_of(st.text(max_size=5), st.integers(0, 9)), max_size=4), lsn=st.one_of(st.integers(-2, 2**64 - 1), st.text(max_size=2)),
-       seq=st.integers(-1, 10), kind=st.sampled_from(["Insert", "Update", "Delete", "Truncate"]),
-       table=st.sampled_from(["t", "u", 5, ["t"]]),
-       rows=st.lists(st.lists(values, max_size=4), min_size=1, max_size=3), shape=st.integers(0, 3))
-def test_parse_record_matches_from_json_on_random_documents(cols: Any, lsn: Any, seq: int, kind: str, table: Any,
-                                                            rows: Any, shape: int) -> None:
-    payload: Any = rows[0] if kind != "Update" else rows[:2]
-    if shape == 1:
-        payload = rows
-    doc: Dict[str, Any] = {"table_name": table, "col_names": cols, "lsn": lsn, "seq_id": seq, "op": {kind: payload}}
-    if shape == 2:
-        doc["op"]["Delete"] = rows[0]
-    if shape == 3:
-        doc = dict(reversed(list(doc.items())))
-    raw = orjson.dumps(doc)
-    try:
-        expected: Any = ReplicationOp.from_json(raw)
-    except MalformedRecordError as exc:
-        expected = str(exc)
-    try:
-        got: Any = parse_record(raw)
-    except MalformedRecordError as exc:
-        got = str(exc)
-    assert got == expected
+from pgrepl import ConfigError, ConsumerError, HandlerError, Op, ReplicationOp
+from pgrepl.consumer import Consumer, StopConsuming
+from pgrepl.consumer.consumer import DEFAULT_KAFKA_CONFIG
+from pgrepl._runtime import Waker
+from pgrepl.consumer.outcome import Fatal
+from pgrepl.consumer.partitions import Partitions, PartitionState
+from pgrepl.consumer.runners import IdempotentRunner, TimeBudget
+from pgrepl.sink.postgres import Applied, HandlerEndedTransaction
 
 
 # ------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------
-
-
-def test_state_table_names() -> None:
-    assert parse_state_table("pgrepl_state") == ("pgrepl_state",)
-    assert parse_state_table("sink.state") == ("sink", "state")
-    assert parse_state_table('"My.Schema"."st""ate"') == ("My.Schema", 'st"ate')
-    for bad in ("", "a.b.c", '"open', "a.", ".b"):
-        with pytest.raises(ConfigError):
-            parse_state_table(bad)
 
 
 def test_kafka_settings() -> None:
@@ -173,7 +65,7 @@ def test_bad_identity_arguments() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Failure handling through a fake Kafka consumer
+# The poll loop on a stand-in Kafka client
 # ------------------------------------------------------------------------------------------
 
 
@@ -204,26 +96,80 @@ class FakeMsg:
         return self._e
 
 
-class FakeKafka:
-    """Records pause/seek/resume/store_offsets; ``log`` shows what the consumer asked for."""
+EOF_EVENT = KafkaError(KafkaError._PARTITION_EOF)
 
-    def __init__(self, topic: str, partitions: Dict[int, List[bytes]]) -> None:
+
+class FakeKafka:
+    """A ``confluent_kafka.Consumer`` stand-in over in-memory partitions of one topic (``factory`` is the
+    ``kafka_factory``). It assigns every partition at the first ``consume()``, reports the end of a
+    partition when ``enable.partition.eof`` is set, interleaves the partitions' records, blocks for the timeout when it has nothing, and
+    records what the consumer asked for in ``log``."""
+
+    def __init__(self, topic: str, partitions: Dict[int, List[Optional[bytes]]]) -> None:
         self.topic = topic
         self.data = partitions
         self.position = {p: 0 for p in partitions}
         self.paused: set = set()
         self.stored: Dict[int, int] = {}
+        self.committed: Dict[int, int] = {}
         self.log: List[Tuple[str, int, int]] = []
+        self.settings: Dict[str, Any] = {}
+        self.callbacks: Dict[str, Callable[..., None]] = {}
+        self.assigned: List[int] = []
+        self.at_end_reported = {p: False for p in partitions}
+        self.polls = 0
+        self.before_poll: Optional[Callable[["FakeKafka"], None]] = None  # a test's hook, runs in consume()
+        self.closed = False
 
-    def consume(self, n: int) -> List[FakeMsg]:
-        out = []
-        for p, values in self.data.items():
-            if p in self.paused:
-                continue
-            while self.position[p] < len(values) and len(out) < n:
-                o = self.position[p]
-                out.append(FakeMsg(self.topic, p, o, values[o]))
-                self.position[p] += 1
+    def factory(self, settings: Dict[str, Any]) -> "FakeKafka":
+        self.settings = settings
+        return self
+
+    def subscribe(self, topics: List[str], on_assign: Callable[..., None], on_revoke: Callable[..., None],
+                  on_lost: Callable[..., None]) -> None:
+        assert topics == [self.topic]
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+
+    def rebalance(self, revoke: List[int], assign: List[int]) -> None:
+        """Like librdkafka inside consume(): revoke, then assign (from the committed offsets)."""
+        if revoke:
+            self.callbacks["revoke"](self, [TopicPartition(self.topic, p) for p in revoke])
+            self.assigned = [p for p in self.assigned if p not in revoke]
+        if assign:
+            for p in assign:
+                self.position[p] = self.committed.get(p, 0)
+                self.at_end_reported[p] = False
+            self.assigned += assign
+            self.callbacks["assign"](self, [TopicPartition(self.topic, p) for p in assign])
+
+    def consume(self, num_messages: int, timeout: float) -> List[FakeMsg]:
+        self.polls += 1
+        assert self.polls < 5000, "the consumer does not stop"
+        if not self.callbacks:
+            raise AssertionError("consume() before subscribe()")
+        if self.polls == 1:
+            self.rebalance([], list(self.data))
+        if self.before_poll is not None:
+            self.before_poll(self)
+        out: List[FakeMsg] = []
+        ready = [p for p in self.assigned if p not in self.paused]
+        while len(out) < num_messages:  # the partitions' records interleaved, one at a time
+            taken = len(out)
+            for p in ready:
+                if self.position[p] < len(self.data[p]) and len(out) < num_messages:
+                    o = self.position[p]
+                    out.append(FakeMsg(self.topic, p, o, self.data[p][o]))
+                    self.position[p] += 1
+                    self.at_end_reported[p] = False
+            if len(out) == taken:
+                break
+        for p in ready:
+            if (self.settings.get("enable.partition.eof") and self.position[p] == len(self.data[p])
+                    and not self.at_end_reported[p] and len(out) < num_messages):
+                out.append(FakeMsg(self.topic, p, self.position[p], None, EOF_EVENT))
+                self.at_end_reported[p] = True
+        if not out:
+            time.sleep(timeout)
         return out
 
     def pause(self, tps: List[TopicPartition]) -> None:
@@ -238,6 +184,7 @@ class FakeKafka:
 
     def seek(self, tp: TopicPartition) -> None:
         self.position[tp.partition] = tp.offset
+        self.at_end_reported[tp.partition] = False
         self.log.append(("seek", tp.partition, tp.offset))
 
     def store_offsets(self, offsets: List[TopicPartition]) -> None:
@@ -245,28 +192,63 @@ class FakeKafka:
             self.stored[tp.partition] = tp.offset
 
     def commit(self, asynchronous: bool = True) -> None:
+        assert asynchronous is False
+        self.committed.update(self.stored)
         self.log.append(("commit", -1, -1))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeProducer:
+    """The dead-letter producer's stand-in (``dead_letter_factory``); its first ``fail`` deliveries fail."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.attempts: List[Dict[str, bytes]] = []  # the pgrepl.* headers of every produce()
+        self.delivered: List[Dict[str, bytes]] = []
+        self.settings: Dict[str, Any] = {}
+
+    def __call__(self, settings: Dict[str, Any]) -> "FakeProducer":
+        self.settings = settings
+        return self
+
+    def produce(self, topic: str, value: Optional[bytes], key: Optional[bytes], headers: List[Tuple[str, bytes]],
+                on_delivery: Callable[[Optional[KafkaError], Any], None]) -> None:
+        assert topic == "dlq"
+        sent = dict(headers)
+        self.attempts.append(sent)
+        if self.fail > 0:
+            self.fail -= 1
+            on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+        else:
+            self.delivered.append(sent)
+            on_delivery(None, None)
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        return 0
 
 
 def op_json(lsn: int, seq: int, value: str = "v") -> bytes:
     return ReplicationOp("t", ["a"], lsn, seq, Op.insert([value])).to_json()
 
 
-def drive(consumer: Consumer, kafka: FakeKafka, runner: Any, rounds: int = 50) -> None:
-    """The main loop's steps without time: retries are due at once."""
-    for _ in range(rounds):
-        for part in consumer._parts.values():
-            part.retry_at = 0.0
-        consumer._resume_due(kafka)  # type: ignore[arg-type]
-        msgs = kafka.consume(7)
-        if msgs:
-            consumer._process(kafka, runner, consumer._group(msgs))  # type: ignore[arg-type]
+def consumer_on(kafka: FakeKafka, **kwargs: Any) -> Consumer:
+    """A Consumer of topic "t" on ``kafka`` that stops once every partition is read to its end; fetches 7
+    records per poll, retries after 10-20 ms."""
+    options: Dict[str, Any] = dict(poll_batch=7, poll_timeout=0.01, retry_backoff=0.01, max_backoff=0.02,
+                                   stop_at_eof=True, handle_signals=False, kafka_factory=kafka.factory)
+    options.update(kwargs)
+    return Consumer("g", ["t"], "h:1", **options)
 
 
 def test_retry_policy_retries_in_order_and_never_skips() -> None:
-    values = [op_json(10, i) for i in range(10)]
+    values: List[Optional[bytes]] = [op_json(10, i) for i in range(10)]
     kafka = FakeKafka("t", {0: values, 1: [op_json(20, i) for i in range(5)]})
-    consumer = Consumer("g", ["t"], "h:1", retry_backoff=0.01, max_backoff=0.02)
+    consumer = consumer_on(kafka)
     failures = {3: 2}  # seq 3 of partition 0 fails twice
     seen: List[Tuple[int, int]] = []
 
@@ -276,57 +258,56 @@ def test_retry_policy_retries_in_order_and_never_skips() -> None:
             raise RuntimeError("sink unavailable")
         seen.append(op.position)
 
-    drive(consumer, kafka, consumer._basic_runner(handle))
+    consumer.start_basic(handle)
     assert [p for p in seen if p[0] == 10] == [(10, i) for i in range(10)]
     assert [p for p in seen if p[0] == 20] == [(20, i) for i in range(5)]
-    assert kafka.stored == {0: 10, 1: 5}
+    assert kafka.stored == {0: 10, 1: 5} and kafka.committed == {0: 10, 1: 5} and kafka.closed
     assert ("seek", 0, 3) in kafka.log and consumer.stats.failures == 2
     assert consumer.stats.handled == 15 and not kafka.paused
 
 
 def test_malformed_record_under_retry_holds_its_partition() -> None:
     kafka = FakeKafka("t", {0: [op_json(1, 0), b"garbage", op_json(1, 2)]})
-    consumer = Consumer("g", ["t"], "h:1", retry_backoff=0.01, max_backoff=0.02)
+    consumer = consumer_on(kafka)
+    kafka.before_poll = lambda _: consumer.stop() if consumer.stats.failures >= 4 else None
     seen: List[int] = []
-    drive(consumer, kafka, consumer._basic_runner(lambda op: seen.append(op.seq_id)), rounds=5)
+    consumer.start_basic(lambda op: seen.append(op.seq_id))
     assert seen == [0] and kafka.stored == {0: 1} and consumer.stats.failures >= 4
 
 
 def test_stop_policy_raises_with_location_after_max_attempts() -> None:
     kafka = FakeKafka("t", {0: [op_json(5, 0), op_json(5, 1), op_json(5, 2)]})
-    consumer = Consumer("g", ["t"], "h:1", on_error="stop", max_attempts=3, retry_backoff=0.01, max_backoff=0.02)
+    consumer = consumer_on(kafka, on_error="stop", max_attempts=3)
 
     def handle(op: ReplicationOp) -> None:
         if op.seq_id == 1:
             raise ValueError("bad row")
 
-    with pytest.raises(_Fatal) as info:
-        drive(consumer, kafka, consumer._basic_runner(handle))
-    error = info.value.error
-    assert isinstance(error, HandlerError) and isinstance(error.__cause__, ValueError)
+    with pytest.raises(HandlerError) as info:
+        consumer.start_basic(handle)
+    error = info.value
+    assert isinstance(error.__cause__, ValueError)
     assert (error.topic, error.partition, error.offset, error.lsn, error.seq_id) == ("t", 0, 1, 5, 1)
     assert "t[0]@1" in str(error) and "seq_id 1" in str(error)
-    assert kafka.stored == {0: 1} and consumer.stats.failures == 3
+    assert kafka.stored == {0: 1} and kafka.committed == {0: 1} and consumer.stats.failures == 3
 
 
 def test_stop_policy_stops_at_once_on_malformed_record() -> None:
     kafka = FakeKafka("t", {0: [op_json(5, 0), b'{"x":1}']})
-    consumer = Consumer("g", ["t"], "h:1", on_error="stop", max_attempts=5)
-    with pytest.raises(_Fatal) as info:
-        drive(consumer, kafka, consumer._basic_runner(lambda op: None))
-    assert "t[0]@1 is not a ReplicationOp" in str(info.value.error)
+    consumer = consumer_on(kafka, on_error="stop", max_attempts=5)
+    with pytest.raises(HandlerError, match=r"t\[0\]@1 is not a ReplicationOp"):
+        consumer.start_basic(lambda op: None)
     assert consumer.stats.failures == 1
 
 
-def test_dead_letter_isolates_the_poison_op_of_a_failing_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    values = [op_json(7, i) for i in range(12)]
+def test_dead_letter_isolates_the_poison_op_of_a_failing_batch() -> None:
+    values: List[Optional[bytes]] = [op_json(7, i) for i in range(12)]
     values[5] = op_json(7, 5, "poison")
     values[9] = b"not an op"
     kafka = FakeKafka("t", {0: values})
-    consumer = Consumer("g", ["t"], "h:1", on_error="dead_letter", dead_letter_topic="dlq", max_attempts=2,
-                        batch_size=4, retry_backoff=0.01, max_backoff=0.02)
-    dead: List[Tuple[int, bool]] = []
-    monkeypatch.setattr(consumer, "_dead_letter", lambda msg, part, failure, reason: dead.append((msg.offset(), failure.malformed)))
+    dead_letters = FakeProducer()
+    consumer = consumer_on(kafka, on_error="dead_letter", dead_letter_topic="dlq", max_attempts=2, batch_size=4,
+                           dead_letter_factory=dead_letters)
     batches: List[List[int]] = []
 
     def handle_batch(ops: List[ReplicationOp]) -> None:
@@ -334,96 +315,218 @@ def test_dead_letter_isolates_the_poison_op_of_a_failing_batch(monkeypatch: pyte
             raise RuntimeError("poison")
         batches.append([op.seq_id for op in ops])
 
-    drive(consumer, kafka, consumer._basic_batch_runner(handle_batch))
+    consumer.start_basic_batch(handle_batch)
     handled = [s for b in batches for s in b]
     assert handled == [i for i in range(12) if i not in (5, 9)]  # in order, each once
-    assert dead == [(5, False), (9, True)]
+    assert [(h["pgrepl.source.offset"], h["pgrepl.kind"]) for h in dead_letters.delivered] == [
+        (b"5", b"handler"), (b"9", b"malformed")]
+    assert dead_letters.delivered[0]["pgrepl.error"] == b"RuntimeError: poison"
+    assert dead_letters.settings["bootstrap.servers"] == "h:1" and dead_letters.settings["acks"] == "all"
     assert kafka.stored == {0: 12} and consumer.stats.dead_lettered == 2
 
 
-def test_dead_letter_send_failure_is_retried_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dead_letter_send_failure_is_retried_not_skipped() -> None:
     kafka = FakeKafka("t", {0: [b"junk", op_json(1, 1)]})
-    consumer = Consumer("g", ["t"], "h:1", on_error="dead_letter", dead_letter_topic="dlq", retry_backoff=0.01,
-                        max_backoff=0.02)
-    calls = []
-
-    def dead_letter(msg: Any, part: Any, failure: Any, reason: str) -> None:
-        calls.append(msg.offset())
-        if len(calls) < 3:
-            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
-
-    monkeypatch.setattr(consumer, "_dead_letter", dead_letter)
+    dead_letters = FakeProducer(fail=2)
+    consumer = consumer_on(kafka, on_error="dead_letter", dead_letter_topic="dlq", dead_letter_factory=dead_letters)
     seen: List[int] = []
-    drive(consumer, kafka, consumer._basic_runner(lambda op: seen.append(op.seq_id)))
-    assert calls == [0, 0, 0] and seen == [1] and kafka.stored == {0: 2}
-
-
-def test_records_of_paused_or_revoked_partitions_are_dropped() -> None:
-    consumer = Consumer("g", ["t"], "h:1")
-    kafka = FakeKafka("t", {0: [], 1: []})
-    consumer._on_assign(kafka, [TopicPartition("t", 0)])  # type: ignore[arg-type]
-    msgs = [FakeMsg("t", 0, 5, b""), FakeMsg("t", 1, 3, b""), FakeMsg("t", 0, 6, b"")]
-    groups = consumer._group(msgs)  # type: ignore[arg-type]
-    assert list(groups) == [("t", 0)] and [m.offset() for m in groups[("t", 0)]] == [5, 6]
-    consumer._parts[("t", 0)].paused = True
-    assert consumer._group([FakeMsg("t", 0, 7, b"")]) == {}  # type: ignore[list-item]
-    # a revoke + re-assign inside one consume() call: keep the newest run of offsets
-    consumer._on_revoke(kafka, [TopicPartition("t", 0)])  # type: ignore[arg-type]
-    assert ("commit", -1, -1) in kafka.log and ("resume", 0, -1) in kafka.log and ("t", 0) not in consumer._parts
-    consumer._on_assign(kafka, [TopicPartition("t", 0)])  # type: ignore[arg-type]
-    groups = consumer._group([FakeMsg("t", 0, o, b"") for o in (8, 9, 4, 5)])  # type: ignore[misc]
-    assert [m.offset() for m in groups[("t", 0)]] == [4, 5]
-
-
-def test_end_of_partition_tracking() -> None:
-    consumer = Consumer("g", ["t"], "h:1", stop_at_eof=True)
-    kafka = FakeKafka("t", {0: []})
-    consumer._on_assign(kafka, [TopicPartition("t", 0), TopicPartition("t", 1)])  # type: ignore[arg-type]
-    eof = KafkaError(KafkaError._PARTITION_EOF)
-    consumer._group([FakeMsg("t", 0, 3, None, eof), FakeMsg("t", 1, 2, b""), FakeMsg("t", 1, 3, None, eof)])  # type: ignore[list-item]
-    assert consumer._eof == {("t", 0), ("t", 1)}
-    consumer._group([FakeMsg("t", 1, 3, None, eof), FakeMsg("t", 1, 3, b"")])  # type: ignore[list-item]
-    assert consumer._eof == {("t", 0)}
+    consumer.start_basic(lambda op: seen.append(op.seq_id))
+    assert [h["pgrepl.source.offset"] for h in dead_letters.attempts] == [b"0", b"0", b"0"]
+    assert seen == [1] and kafka.stored == {0: 2} and consumer.stats.dead_lettered == 1
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_random_failures_never_reorder_or_lose_ops(workers: int) -> None:
     rng = random.Random(4)
-    data = {p: [op_json(100 + p, i) for i in range(40)] for p in range(3)}
+    data: Dict[int, List[Optional[bytes]]] = {p: [op_json(100 + p, i) for i in range(40)] for p in range(3)}
     kafka = FakeKafka("t", data)
-    consumer = Consumer("g", ["t"], "h:1", batch_size=5, retry_backoff=0.01, max_backoff=0.02, workers=workers)
-    if workers > 1:
-        consumer._executor = concurrent.futures.ThreadPoolExecutor(workers)
+    consumer = consumer_on(kafka, batch_size=5, workers=workers)
     seen: Dict[int, List[int]] = {0: [], 1: [], 2: []}
+    threads = set()
     lock = threading.Lock()
 
     def handle_batch(ops: List[ReplicationOp]) -> None:
         with lock:
             fail = rng.random() < 0.3
+            threads.add(threading.get_ident())
         if fail:
             raise RuntimeError("flaky")
         seen[ops[0].lsn - 100].extend(op.seq_id for op in ops)
 
-    try:
-        drive(consumer, kafka, consumer._basic_batch_runner(handle_batch), rounds=400)
-    finally:
-        if consumer._executor is not None:
-            consumer._executor.shutdown()
+    consumer.start_basic_batch(handle_batch)
     assert seen == {p: list(range(40)) for p in range(3)}
     assert kafka.stored == {0: 40, 1: 40, 2: 40}
+    assert (len(threads) > 1) == (workers > 1)
 
 
 @pytest.mark.parametrize("form", ["basic", "batch"])
 def test_time_budget_puts_the_rest_back_without_losing_order(form: str) -> None:
     kafka = FakeKafka("t", {0: [op_json(3, i) for i in range(9)]})
-    consumer = Consumer("g", ["t"], "h:1", batch_size=2, max_batch_time=1e-6)
+    consumer = consumer_on(kafka, batch_size=2, max_batch_time=1e-6)
     seen: List[int] = []
     if form == "basic":
-        runner = consumer._basic_runner(lambda op: seen.append(op.seq_id))
+        consumer.start_basic(lambda op: seen.append(op.seq_id))
     else:
-        runner = consumer._basic_batch_runner(lambda ops: seen.extend(op.seq_id for op in ops))
-    drive(consumer, kafka, runner)
+        consumer.start_basic_batch(lambda ops: seen.extend(op.seq_id for op in ops))
     assert seen == list(range(9)) and kafka.stored == {0: 9}
     seeks = [entry for entry in kafka.log if entry[0] == "seek"]
     assert seeks and all(offset % 2 == 0 for _, _, offset in seeks)  # put back at handler-batch boundaries
     assert not [entry for entry in kafka.log if entry[0] == "pause"]
+
+
+def test_rebalance_while_a_partition_waits_for_its_retry() -> None:
+    kafka = FakeKafka("t", {0: [op_json(1, i) for i in range(6)], 1: [op_json(2, i) for i in range(3)]})
+    consumer = consumer_on(kafka, retry_backoff=0.05, max_backoff=0.05)
+    failed = []
+    seen: List[Tuple[int, int]] = []
+
+    def handle(op: ReplicationOp) -> None:
+        if op.position == (1, 4) and not failed:
+            failed.append(op)
+            raise RuntimeError("once")
+        seen.append(op.position)
+
+    def rebalance_while_paused(kafka: FakeKafka) -> None:
+        if 0 in kafka.paused and ("commit", -1, -1) not in kafka.log:
+            kafka.rebalance([0, 1], [0])  # partition 1 moves to another member
+
+    kafka.before_poll = rebalance_while_paused
+    consumer.start_basic(handle)
+    assert kafka.log.index(("commit", -1, -1)) < kafka.log.index(("resume", 0, -1))  # commit, then lift the pause
+    assert kafka.committed[0] == 6 and kafka.committed[1] == 3  # what partition 1 finished was committed
+    assert [p for p in seen if p[0] == 1] == [(1, i) for i in range(6)]
+    assert consumer.assignment == [("t", 0)] and consumer.stats.rebalances == 2
+
+
+def test_stop_consuming_from_a_handler_stops_without_storing_its_batch() -> None:
+    kafka = FakeKafka("t", {0: [op_json(4, i) for i in range(8)]})
+    consumer = consumer_on(kafka, batch_size=3, stop_at_eof=False)
+    batches: List[List[Tuple[int, int]]] = []
+
+    def write(records: List[Tuple[Any, ReplicationOp]]) -> None:
+        if records[0][0].offset() >= 3:
+            raise StopConsuming()
+        batches.append([(msg.offset(), op.seq_id) for msg, op in records])
+
+    consumer.start_basic_batch(write, with_records=True)
+    assert batches == [[(0, 0), (1, 1), (2, 2)]]
+    assert consumer.stopping and kafka.committed == {0: 3} and ("seek", 0, 3) in kafka.log
+
+
+def test_stop_consuming_from_a_per_op_handler() -> None:
+    kafka = FakeKafka("t", {0: [op_json(4, i) for i in range(8)]})
+    consumer = consumer_on(kafka, stop_at_eof=False)
+    seen: List[int] = []
+
+    def handle(op: ReplicationOp) -> None:
+        if op.seq_id == 5:
+            raise StopConsuming()
+        seen.append(op.seq_id)
+
+    consumer.start_basic(handle)
+    assert seen == [0, 1, 2, 3, 4] and kafka.committed == {0: 5} and consumer.stats.failures == 0
+
+
+def test_fatal_kafka_error_stops_with_consumer_error() -> None:
+    kafka = FakeKafka("t", {0: [op_json(1, 0)]})
+    consumer = consumer_on(kafka, stop_at_eof=False)
+    kafka.before_poll = lambda k: k.settings["error_cb"](KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+    with pytest.raises(ConsumerError, match="fatal Kafka consumer error: fenced"):
+        consumer.start_basic(lambda op: None)
+    assert kafka.closed and kafka.polls == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Grouping by partition
+# ------------------------------------------------------------------------------------------
+
+
+def test_records_of_paused_or_revoked_partitions_are_dropped() -> None:
+    parts = Partitions(["t"])
+    parts.assign([("t", 0)])
+    msgs = [FakeMsg("t", 0, 5, b""), FakeMsg("t", 1, 3, b""), FakeMsg("t", 0, 6, b"")]
+    groups = parts.group(msgs)
+    assert list(groups) == [("t", 0)] and [m.offset() for m in groups[("t", 0)]] == [5, 6]
+    parts[("t", 0)].paused = True
+    assert parts.group([FakeMsg("t", 0, 7, b"")]) == {}
+    # a revoke + re-assign inside one consume() call: keep the newest run of offsets
+    assert [state.partition for state in parts.forget([("t", 0)])] == [0]  # paused: the caller resumes it
+    parts.assign([("t", 0)])
+    groups = parts.group([FakeMsg("t", 0, o, b"") for o in (8, 9, 4, 5)])
+    assert [m.offset() for m in groups[("t", 0)]] == [4, 5]
+
+
+def test_end_of_partition_tracking() -> None:
+    parts = Partitions(["t"], track_eof=True)
+    parts.assign([("t", 0), ("t", 1)])
+    parts.group([FakeMsg("t", 0, 3, None, EOF_EVENT), FakeMsg("t", 1, 2, b""), FakeMsg("t", 1, 3, None, EOF_EVENT)])
+    assert parts.is_at_end("t", 0) and parts.is_at_end("t", 1) and parts.all_at_end()
+    parts.group([FakeMsg("t", 1, 3, None, EOF_EVENT), FakeMsg("t", 1, 3, b"")])
+    assert parts.is_at_end("t", 0) and not parts.is_at_end("t", 1) and not parts.all_at_end()
+
+
+def test_fatal_error_event_among_the_records_is_raised() -> None:
+    parts = Partitions(["t"])
+    with pytest.raises(Fatal, match="fatal Kafka consumer error: gone") as info:
+        parts.group([FakeMsg("t", 0, 0, None, KafkaError(KafkaError._FATAL, "gone", fatal=True))])
+    assert isinstance(info.value.error, ConsumerError)
+
+
+# ------------------------------------------------------------------------------------------
+# The idempotent runner on a stand-in sink (the real transaction: tests/integration)
+# ------------------------------------------------------------------------------------------
+
+
+class FakeSink:
+    """``PostgresSink.apply`` stand-in: applies ops above its position, or raises ``error`` once."""
+
+    def __init__(self) -> None:
+        self.position = (-1, -1)
+        self.calls: List[Tuple[List[int], Optional[Tuple[int, int]]]] = []  # (offsets, known)
+        self.error: Optional[BaseException] = None
+
+    def apply(self, topic: str, partition: int, ops: List[ReplicationOp], offsets: List[int],
+              handler: Callable[[Any, List[ReplicationOp]], Any], known: Optional[Tuple[int, int]] = None) -> Applied:
+        self.calls.append((list(offsets), known))
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        new = [op for op in ops if op.position > self.position]
+        handler(None, new)
+        if new:
+            self.position = new[-1].position
+        return Applied(len(new), len(ops) - len(new), 1 if new else 0, self.position)
+
+
+def run_idempotent(sink: FakeSink, part: PartitionState, values: List[bytes], waker: Waker) -> Any:
+    budget = TimeBudget(60.0, waker)
+    budget.start()
+    runner = IdempotentRunner(sink, lambda cur, ops: None, 2, budget)  # type: ignore[arg-type]
+    return runner(part, [FakeMsg("t", 0, 10 + i, value) for i, value in enumerate(values)])
+
+
+def test_idempotent_runner_applies_batches_and_remembers_the_position() -> None:
+    sink, part, waker = FakeSink(), PartitionState("t", 0), Waker()
+    sink.position = (1, 1)  # the sink already has the first two ops: a replay
+    out = run_idempotent(sink, part, [op_json(1, i) for i in range(5)], waker)
+    assert sink.calls == [([10, 11], None), ([12, 13], (1, 1)), ([14], (1, 3))]
+    assert (out.handled, out.skipped, out.transactions, out.done.offset()) == (3, 2, 2, 14)
+    assert part.position == (1, 4) and out.failure is None and out.rest is None
+
+
+def test_idempotent_runner_failures() -> None:
+    sink, part, waker = FakeSink(), PartitionState("t", 0), Waker()
+    part.position = (1, 0)
+    sink.error = RuntimeError("deadlock")
+    out = run_idempotent(sink, part, [op_json(1, 1), op_json(1, 2)], waker)
+    assert out.failure.batch_end == 11 and out.failure.msg.offset() == 10 and out.done is None
+    assert part.position is None  # unknown whether it committed: reloaded from the sink
+    sink.error = HandlerEndedTransaction()
+    with pytest.raises(Fatal) as info:
+        run_idempotent(sink, part, [op_json(1, 1)], waker)
+    error = info.value.error
+    assert isinstance(error, HandlerError) and (error.offset, error.lsn, error.seq_id) == (10, 1, 1)
+    assert "must not COMMIT or ROLLBACK" in str(error)
+    sink.error = StopConsuming()
+    out = run_idempotent(sink, part, [op_json(1, 1)], waker)
+    assert out.rest.offset() == 10 and out.done is None and waker.is_set

@@ -1,0 +1,23 @@
+"""The consumer's running totals."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["ConsumerStats"]
+
+
+@dataclass
+class ConsumerStats:
+    """Running totals, readable from another thread (status lines, tests, benchmarks)."""
+
+    handled: int = 0          # ops a handler returned for (idempotent: applied and committed)
+    skipped: int = 0          # idempotent: replays dropped because the sink already has them
+    transactions: int = 0     # idempotent: sink transactions committed
+    batches: int = 0          # consume() batches that held records
+    failures: int = 0         # failed attempts (handler errors, malformed records, sink errors)
+    dead_lettered: int = 0
+    rebalances: int = 0
+    records: int = 0          # records taken from Kafka (handled, skipped or failed)
+    started_at: float = field(default_factory=time.monotonic)
