@@ -16,6 +16,7 @@ from pgrepl.errors import (
     MalformedRecordError,
     PgreplError,
     ReplicationError,
+    SlotLostError,
 )
 from pgrepl.model import Op, ReplicationOp, Row
 from pgrepl.producer import Producer, ProducerStats
@@ -38,5 +39,6 @@ __all__ = [
     "ReplicationError",
     "ReplicationOp",
     "Row",
+    "SlotLostError",
     "TopicInfo",
 ]

@@ -97,6 +97,7 @@ class Dispatcher:
         stats.transactions += out.transactions
         if out.done is not None:
             store_offset(self.kafka, out.done.topic(), out.done.partition(), out.done.offset() + 1)
+            part.outages = 0
             if part.fail_offset is not None and out.done.offset() >= part.fail_offset:
                 log.info("%s: handled after %d failed attempt(s)", part.where(part.fail_offset), part.attempts)
                 part.fail_offset = None
@@ -104,4 +105,5 @@ class Dispatcher:
         if out.failure is not None:
             self.failures.handle(part, out.failure)
         elif out.rest is not None:
+            self.partitions.rewound(part)  # an EOF event fetched with the rest does not count any more
             seek_back(self.kafka, part.topic, part.partition, out.rest.offset())

@@ -101,8 +101,11 @@ class FailurePolicy:
         """Count the attempt and retry, isolate, dead-letter, or raise ``Fatal`` (``"stop"``)."""
         msg = failure.msg
         offset = msg.offset()
+        self.partitions.rewound(part)  # not at its end while a record waits to be retried
+        if failure.sink_outage:
+            self._wait_for_sink(part, failure, offset)
+            return
         self.stats.failures += 1
-        self.partitions.failed(part)
         if part.fail_offset == offset:
             part.attempts += 1
         else:
@@ -141,6 +144,16 @@ class FailurePolicy:
                   exc_info=failure.error if traceback else None)
         if traceback:
             part.last_error_log = now
+        self._rewind(part, offset, delay)
+
+    def _wait_for_sink(self, part: PartitionState, failure: Failure, offset: int) -> None:
+        """The sink is down: hold the partition and retry with backoff, as long as it takes."""
+        self.stats.sink_outages += 1
+        part.outages += 1
+        delay = self._backoff(part.outages)
+        log.warning("sink unavailable at %s (%s: %s); retrying in %.1f s, not counted against the record",
+                    part.where(offset), type(failure.error).__name__, str(failure.error).strip().splitlines()[0]
+                    if str(failure.error).strip() else "", delay)
         self._rewind(part, offset, delay)
 
     def _send_to_dead_letter(self, part: PartitionState, failure: Failure, what: str, reason: str) -> None:

@@ -33,17 +33,23 @@ class Fatal(Exception):
 
 
 class Failure:
-    """A failed attempt: the record it failed at and why."""
+    """A failed attempt: the record it failed at and why.
 
-    __slots__ = ("msg", "error", "op", "malformed", "batch_end")
+    ``sink_outage`` marks a failure of the sink itself (connection lost, server restarting, a
+    serialization failure): not the record's fault, so it is retried for as long as it takes
+    and never counts towards ``max_attempts`` or sends a record to the dead-letter topic.
+    """
+
+    __slots__ = ("msg", "error", "op", "malformed", "batch_end", "sink_outage")
 
     def __init__(self, msg: Any, error: BaseException, op: Optional[ReplicationOp] = None,
-                 malformed: bool = False, batch_end: Optional[int] = None) -> None:
+                 malformed: bool = False, batch_end: Optional[int] = None, sink_outage: bool = False) -> None:
         self.msg = msg
         self.error = error
         self.op = op
         self.malformed = malformed
         self.batch_end = batch_end  # last offset of a failed multi-op batch
+        self.sink_outage = sink_outage
 
 
 class Outcome:

@@ -31,7 +31,7 @@ _TOPIC_ERRORS_LOGGED_EVERY = 60.0
 class PartitionState:
     """What the consumer remembers about one assigned partition (dropped on assign/revoke)."""
 
-    __slots__ = ("topic", "partition", "position", "fail_offset", "attempts", "retry_at", "paused",
+    __slots__ = ("topic", "partition", "position", "fail_offset", "attempts", "outages", "retry_at", "paused",
                  "isolate_until", "last_error_log")
 
     def __init__(self, topic: str, partition: int) -> None:
@@ -40,6 +40,7 @@ class PartitionState:
         self.position: Optional[Tuple[int, int]] = None  # idempotent: last known sink position
         self.fail_offset: Optional[int] = None  # the record that is failing, while it is retried
         self.attempts = 0
+        self.outages = 0  # sink outages in a row (backoff), not attempts of the record
         self.retry_at = 0.0  # when a paused partition resumes (time.monotonic)
         self.paused = False
         self.isolate_until: Optional[int] = None  # batch forms: handle one op at a time up to here
@@ -192,6 +193,7 @@ class Partitions:
         """Forget one partition's state (its seek failed: it was revoked meanwhile)."""
         self._states.pop((state.topic, state.partition), None)
 
-    def failed(self, state: PartitionState) -> None:
-        """A record of the partition failed: it is not at its end until read there again."""
+    def rewound(self, state: PartitionState) -> None:
+        """The partition was sought back (a record failed, or the rest of a batch was put back):
+        it is not at its end until it is read there again."""
         self._eof.discard((state.topic, state.partition))

@@ -24,7 +24,7 @@ from pgrepl.consumer.outcome import Failure, Fatal, Outcome, StopConsuming
 from pgrepl.consumer.partitions import PartitionState
 from pgrepl.errors import ConfigError, HandlerError, MalformedRecordError
 from pgrepl.model import ReplicationOp
-from pgrepl.sink.postgres import HandlerEndedTransaction, PostgresSink
+from pgrepl.sink.postgres import HandlerEndedTransaction, PostgresSink, is_sink_outage
 
 __all__ = ["BasicBatchRunner", "BasicRunner", "IdempotentRunner", "Runner", "TimeBudget"]
 
@@ -217,6 +217,7 @@ class IdempotentRunner(_BatchRunner):
                 raise Fatal(exc) from None
             else:
                 out.failure = _batch_failure(chunk, ops, exc)
+                out.failure.sink_outage = is_sink_outage(exc)
             return
         part.position = applied.position
         out.handled += applied.applied

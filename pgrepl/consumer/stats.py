@@ -16,7 +16,8 @@ class ConsumerStats:
     skipped: int = 0          # idempotent: replays dropped because the sink already has them
     transactions: int = 0     # idempotent: sink transactions committed
     batches: int = 0          # consume() batches that held records
-    failures: int = 0         # failed attempts (handler errors, malformed records, sink errors)
+    failures: int = 0         # failed attempts (handler errors, malformed records)
+    sink_outages: int = 0     # idempotent: sink transactions that failed because the sink was unavailable
     dead_lettered: int = 0
     rebalances: int = 0
     records: int = 0          # records taken from Kafka (handled, skipped or failed)

@@ -74,6 +74,17 @@ class Applied(NamedTuple):
     position: Tuple[int, int]   # the partition's (lsn, seq_id) in the sink afterwards
 
 
+def is_sink_outage(error: BaseException) -> bool:
+    """Whether ``error`` says the sink is unavailable rather than that the ops are wrong.
+
+    libpq/psycopg2's OperationalError covers lost connections, a server shutting down or
+    restarting, resource exhaustion, cancelled statements and the transaction-rollback class
+    (serialization failures, deadlocks); InterfaceError a connection that is already closed.
+    Errors of the handler's own SQL (constraint violations, syntax, data) are not outages.
+    """
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
 class HandlerEndedTransaction(Exception):
     """The handler committed or rolled back the sink transaction itself: its work may now be
     committed without the state, so the consumer must stop."""

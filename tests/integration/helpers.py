@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import orjson
 import psycopg2
@@ -157,14 +161,16 @@ class Workload(threading.Thread):
     """Small transactions of inserts, updates and deletes on ``{p}src`` until stopped or ``max_ops``.
 
     ``ops`` counts the row changes made (committed), ``transactions`` the commits; ids start at
-    ``first_id`` so two workloads on one table don't collide.
+    ``first_id`` so two workloads on one table don't collide. ``move_keys``: the updates also
+    change ``grp`` (the tests' partition key), moving rows between keys.
     """
 
     def __init__(self, dsn: str, p: str, seed: int = 1, first_id: int = 1, max_ops: Optional[int] = None,
-                 pause: float = 0.01, max_rows: int = 30) -> None:
+                 pause: float = 0.01, max_rows: int = 30, move_keys: bool = False) -> None:
         super().__init__(daemon=True)
         self.dsn, self.p, self.rng = dsn, p, random.Random(seed)
         self.first_id, self.max_ops, self.pause, self.max_rows = first_id, max_ops, pause, max_rows
+        self.move_keys = move_keys
         self.halt = threading.Event()
         self.ops = 0
         self.transactions = 0
@@ -182,7 +188,8 @@ class Workload(threading.Thread):
                     ops = cur.rowcount
                     next_id += n
                     low = self.rng.randint(self.first_id, next_id)
-                    cur.execute(f"UPDATE {self.p}src SET n = n + 1, body = body || 'u' WHERE id BETWEEN %s AND %s",
+                    move = ", grp = 'g' || ((n + id) %% 7)" if self.move_keys else ""
+                    cur.execute(f"UPDATE {self.p}src SET n = n + 1, body = body || 'u'{move} WHERE id BETWEEN %s AND %s",
                                 (low, low + 4))
                     ops += cur.rowcount
                     cur.execute(f"DELETE FROM {self.p}src WHERE id = %s", (self.rng.randint(self.first_id, next_id),))
@@ -201,3 +208,57 @@ class Workload(threading.Thread):
         self.join(30)
         if self.error is not None:
             raise self.error
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_rows(dsn: str, p: str) -> Dict[str, Tuple[str, str, str, Optional[str]]]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT id::text, grp, n::text, body FROM {p}src")
+            return {r[0]: tuple(r) for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def replay(ops: Dict[Tuple[int, int], bytes]) -> Dict[str, tuple]:
+    """Apply the ops in (lsn, seq_id) order to an empty table; return the resulting rows."""
+    table: Dict[str, tuple] = {}
+    for _, value in sorted(ops.items()):
+        ((kind, payload),) = orjson.loads(value)["op"].items()
+        if kind == "Insert":
+            assert payload[0] not in table
+            table[payload[0]] = tuple(payload)
+        elif kind == "Update":
+            assert table.pop(payload[0][0]) == tuple(payload[0])
+            table[payload[1][0]] = tuple(payload[1])
+        else:
+            assert table.pop(payload[0]) == tuple(payload)
+    return table
+
+
+def check_order_per_key(messages) -> None:
+    """Per key, first occurrences come in strictly increasing WAL order (replays may repeat a suffix)."""
+    by_partition: Dict[int, List] = {}
+    for part, offset, key, value in messages:
+        by_partition.setdefault(part, []).append((offset, key, value))
+    for entries in by_partition.values():
+        seen: Set[Tuple[int, int]] = set()
+        last: Dict[bytes, Tuple[int, int]] = {}
+        for _, key, value in sorted(entries, key=lambda e: e[0]):
+            op = orjson.loads(value)
+            pos = (op["lsn"], op["seq_id"])
+            if pos in seen:
+                continue
+            seen.add(pos)
+            assert pos > last.get(key, (-1, -1)), f"key {key!r}: {pos} after {last.get(key)}"
+            last[key] = pos
+
+
+def start_cli(config: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "pgrepl.cli", "--log-level", "INFO", "produce", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)

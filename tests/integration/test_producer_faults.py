@@ -3,79 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
-import orjson
-import psycopg2
 import pytest
 
 from pgrepl.producer import Producer
 from pgrepl.testing import LocalBroker, LocalPostgres
 from tests.integration.helpers import (
-    Workload, current_wal_lsn, dedupe, execute, make_source, read_topic, running, slot_state, wait_for,
-    wait_streaming,
+    Workload, check_order_per_key, current_wal_lsn, dedupe, execute, make_source, read_topic, replay, running,
+    slot_state, source_rows, start_cli, wait_for, wait_streaming,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def source_rows(dsn: str, p: str) -> Dict[str, Tuple[str, str, str, Optional[str]]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT id::text, grp, n::text, body FROM {p}src")
-            return {r[0]: tuple(r) for r in cur.fetchall()}
-    finally:
-        conn.close()
-
-
-def replay(ops: Dict[Tuple[int, int], bytes]) -> Dict[str, tuple]:
-    """Apply the ops in (lsn, seq_id) order to an empty table; return the resulting rows."""
-    table: Dict[str, tuple] = {}
-    for _, value in sorted(ops.items()):
-        ((kind, payload),) = orjson.loads(value)["op"].items()
-        if kind == "Insert":
-            assert payload[0] not in table
-            table[payload[0]] = tuple(payload)
-        elif kind == "Update":
-            assert table.pop(payload[0][0]) == tuple(payload[0])
-            table[payload[1][0]] = tuple(payload[1])
-        else:
-            assert table.pop(payload[0]) == tuple(payload)
-    return table
-
-
-def check_order_per_key(messages) -> None:
-    """Per key, first occurrences come in strictly increasing WAL order (replays may repeat a suffix)."""
-    by_partition: Dict[int, List] = {}
-    for part, offset, key, value in messages:
-        by_partition.setdefault(part, []).append((offset, key, value))
-    for entries in by_partition.values():
-        seen: Set[Tuple[int, int]] = set()
-        last: Dict[bytes, Tuple[int, int]] = {}
-        for _, key, value in sorted(entries, key=lambda e: e[0]):
-            op = orjson.loads(value)
-            pos = (op["lsn"], op["seq_id"])
-            if pos in seen:
-                continue
-            seen.add(pos)
-            assert pos > last.get(key, (-1, -1)), f"key {key!r}: {pos} after {last.get(key)}"
-            last[key] = pos
-
-
-def start_cli(config: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "pgrepl.cli", "--log-level", "INFO", "produce", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-
 
 def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, tmp_path: Path) -> None:

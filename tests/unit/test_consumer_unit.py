@@ -530,3 +530,46 @@ def test_idempotent_runner_failures() -> None:
     sink.error = StopConsuming()
     out = run_idempotent(sink, part, [op_json(1, 1)], waker)
     assert out.rest.offset() == 10 and out.done is None and waker.is_set
+
+
+def test_sink_outages_are_retried_and_never_counted_against_the_record() -> None:
+    """A lost sink connection (or a restarting server) is the sink's failure, not the record's: with
+    on_error="dead_letter" and max_attempts=1 nothing is dead-lettered, however long it lasts."""
+    import psycopg2
+    import psycopg2.errors
+
+    from pgrepl.consumer.failures import DeadLetterProducer, FailurePolicy
+    from pgrepl.consumer.partitions import Partitions
+    from pgrepl.consumer.stats import ConsumerStats
+
+    sink, part, waker = FakeSink(), PartitionState("t", 0), Waker()
+    kafka = FakeKafka("t", {0: []})
+    dead_letters = FakeProducer()
+    stats = ConsumerStats()
+    policy = FailurePolicy(kafka, Partitions(["t"]), stats, on_error="dead_letter", max_attempts=1, retry_backoff=0.01,
+                           max_backoff=0.05, dead_letter=DeadLetterProducer("dlq", "g", {}, dead_letters))
+    for attempt in range(6):
+        sink.error = psycopg2.OperationalError("server closed the connection unexpectedly")
+        out = run_idempotent(sink, part, [op_json(1, 1), op_json(1, 2)], waker)
+        assert out.failure is not None and out.failure.sink_outage
+        policy.handle(part, out.failure)
+        assert part.paused and part.attempts == 0
+    assert stats.sink_outages == 6 and stats.failures == 0 and dead_letters.attempts == []
+    assert part.retry_at > 0  # backoff grows with the outage, capped by max_backoff
+    out = run_idempotent(sink, part, [op_json(1, 1), op_json(1, 2)], waker)  # the sink is back
+    assert out.failure is None and out.handled == 2
+    sink.error = psycopg2.errors.UniqueViolation("duplicate key value violates unique constraint")
+    out = run_idempotent(sink, part, [op_json(1, 3)], waker)
+    assert out.failure is not None and not out.failure.sink_outage  # the handler's own SQL: the policy decides
+    policy.handle(part, out.failure)
+    assert stats.failures == 1 and len(dead_letters.delivered) == 1
+
+
+def test_stop_at_eof_waits_for_a_put_back_rest_fetched_with_the_end_event() -> None:
+    """One fetch brings every record and the end-of-partition event; the time budget puts most of
+    them back. The partition is not at its end until they are handled (a stop would skip them)."""
+    kafka = FakeKafka("t", {0: [op_json(3, i) for i in range(9)]})
+    consumer = consumer_on(kafka, batch_size=2, max_batch_time=1e-6, poll_batch=100)
+    seen: List[int] = []
+    consumer.start_basic_batch(lambda ops: seen.extend(op.seq_id for op in ops))
+    assert seen == list(range(9)) and kafka.stored == {0: 9}
