@@ -17,10 +17,13 @@ from pgrepl.errors import ConfigError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-PRODUCER_KEYS = {
-    "dsn", "dsn_env", "brokers", "slot", "publication", "topic_map", "kafka", "truncate",
-    "status_interval", "stop_timeout",
-}
+#: Producer settings a config file may give as they are (the Producer checks their values).
+PRODUCER_OPTIONS = (
+    "truncate", "status_interval", "stop_timeout", "on_slot_loss", "history_topic", "allow_repartition",
+    "split_key_changes", "failover", "snapshot", "snapshot_connections", "snapshot_chunk_size",
+)
+
+PRODUCER_KEYS = {"dsn", "dsn_env", "brokers", "slot", "publication", "topic_map", "kafka", *PRODUCER_OPTIONS}
 
 
 def _expand(value: Any, where: str) -> Any:
@@ -90,7 +93,7 @@ def producer_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
         "topic_map": config["topic_map"],
         "kafka_config": dict(config.get("kafka") or {}),
     }
-    for key in ("truncate", "status_interval", "stop_timeout"):
+    for key in PRODUCER_OPTIONS:
         if key in config:
             kwargs[key] = config[key]
     return kwargs

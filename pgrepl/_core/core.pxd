@@ -59,6 +59,7 @@ cdef class Batch:
     cdef public list markers
     cdef public list begins
     cdef public list begin_starts
+    cdef public list messages
 
 
 cdef class Relation:
@@ -104,6 +105,7 @@ cdef class Decoder:
     cdef Col* _old
     cdef Col* _new
     cdef int _col_cap
+    cdef Buf _scratch            # a snapshot row's unescaped fields (copy.pxi)
 
     cdef void _clear_slots(self)
     cdef int _collect_markers(self, Batch batch) except -1
@@ -111,8 +113,9 @@ cdef class Decoder:
     cdef int _decode_one(self, const uint8_t* p, Py_ssize_t n, Batch batch, Py_ssize_t index) except -1
     cdef int _begin(self, Reader* r) except -1
     cdef int _commit(self, Reader* r, Batch batch) except -1
-    cdef int _message(self, Reader* r) except -1
+    cdef int _message(self, Reader* r, Batch batch) except -1
     cdef int _relation(self, Reader* r) except -1
+    cdef Relation _set_relation(self, uint32_t relid, str schema, str name, uint8_t replident, list names)
     cdef int _grow_cols(self, int ncols) except -1
     cdef Relation _lookup(self, Reader* r, uint32_t relid)
     cdef int _tuple(self, Reader* r, Relation rel, Col* cols) except -1

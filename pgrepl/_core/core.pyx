@@ -12,6 +12,7 @@ inline across them; the C structs and the extension types' fields are declared i
 * pgoutput.pxi   the Decoder: pgoutput protocol v1 in, Kafka records out
 * stream.pxi     ReplicationStream: reads the CopyBoth stream from libpq, decodes in place
 * records.pxi    the consumer's parser of canonical ReplicationOp JSON
+* copy.pxi       snapshot rows (COPY text format) into the same Insert records
 
 Per row the only Python objects made are the Kafka key and value ``bytes``.
 """
@@ -42,3 +43,4 @@ include "results.pxi"
 include "pgoutput.pxi"
 include "stream.pxi"
 include "records.pxi"
+include "copy.pxi"

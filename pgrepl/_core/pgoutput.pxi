@@ -44,6 +44,9 @@ cdef class Decoder:
         self._key.data = NULL
         self._key.len = 0
         self._key.cap = 0
+        self._scratch.data = NULL
+        self._scratch.len = 0
+        self._scratch.cap = 0
         self._old = NULL
         self._new = NULL
         self._col_cap = 0
@@ -80,6 +83,7 @@ cdef class Decoder:
     def __dealloc__(self):
         PyMem_Free(self._out.data)
         PyMem_Free(self._key.data)
+        PyMem_Free(self._scratch.data)
         PyMem_Free(self._old)
         PyMem_Free(self._new)
         PyMem_Free(self._part_count)
@@ -260,7 +264,7 @@ cdef class Decoder:
             read_u64(&r, b"origin lsn")
             read_cstring(&r, b"origin name")
         elif t == 0x4D:  # 'M' logical decoding message: not a row change
-            self._message(&r)
+            self._message(&r, batch)
         elif t == 0x54:  # 'T'
             self._truncate(&r)
         else:
@@ -295,12 +299,18 @@ cdef class Decoder:
         self._in_tx = False
         return 0
 
-    cdef int _message(self, Reader* r) except -1:
-        read_u8(r, b"message flags")
-        read_u64(r, b"message lsn")
-        read_cstring(r, b"message prefix")
+    cdef int _message(self, Reader* r, Batch batch) except -1:
+        """A logical decoding message: pgrepl's own (prefix ``pgrepl``...) are kept in ``batch.messages``."""
+        cdef uint8_t flags = read_u8(r, b"message flags")
+        cdef uint64_t lsn = read_u64(r, b"message lsn")
+        cdef str prefix = read_cstring(r, b"message prefix")
         cdef uint32_t length = read_u32(r, b"message length")
         need(r, length, b"message content")
+        if prefix.startswith("pgrepl"):
+            content = PyBytes_FromStringAndSize(<const char*>(r.p + r.pos), length)
+            # a transactional message sits in its transaction: it takes the transaction's position
+            batch.messages.append((len(batch.values), self._tx_lsn if flags & 1 and self._in_tx else lsn,
+                                   prefix, content))
         r.pos += length
         return 0
 
@@ -317,6 +327,16 @@ cdef class Decoder:
             names.append(read_cstring(r, b"column name"))
             read_u32(r, b"column type oid")
             read_u32(r, b"column type modifier")
+        self._set_relation(relid, schema, name, replident, names)
+        return 0
+
+    def define_relation(self, uint32_t relid, str schema, str name, columns):
+        """Register a table as a Relation message would (for encoding snapshot rows of it)."""
+        self._set_relation(relid, schema, name, 0x66, list(columns))  # 'f': the full row is known
+
+    cdef Relation _set_relation(self, uint32_t relid, str schema, str name, uint8_t replident, list names):
+        """Cache a relation: its columns, topic, partition-key positions and JSON prefix."""
+        cdef int ncols = len(names)
         cdef Relation rel = Relation.__new__(Relation)
         rel.relid = relid
         rel.schema = schema
@@ -358,7 +378,7 @@ cdef class Decoder:
             self._grow_cols(ncols)
         self._relations[relid] = rel
         self._last_rel = rel
-        return 0
+        return rel
 
     cdef int _grow_cols(self, int ncols) except -1:
         cdef Col* old = <Col*>PyMem_Realloc(self._old, sizeof(Col) * ncols)

@@ -35,7 +35,9 @@ cdef class Batch:
     of their (topic, partition) in the batch, plus every record with partition -1: under an
     idempotent producer their delivery proves the delivery of every earlier record. ``begins``
     are the positions in ``payloads`` of the Begin messages; ``begin_starts`` their WAL
-    positions (XLogData data_start) when a ``ReplicationStream`` produced the batch.
+    positions (XLogData data_start) when a ``ReplicationStream`` produced the batch. ``messages``
+    holds pgrepl's own logical decoding messages (prefix ``pgrepl``...) as ``(record_index, lsn,
+    prefix, content)``: they came after the first ``record_index`` records.
     """
 
     def __cinit__(self):
@@ -47,6 +49,7 @@ cdef class Batch:
         self.markers = []
         self.begins = []
         self.begin_starts = []
+        self.messages = []
 
     def __len__(self):
         return len(self.values)

@@ -57,6 +57,8 @@ class LatencyRecorder:
         if value is None:
             return
         op = orjson.loads(value)
+        if "op" not in op:
+            return  # not a ReplicationOp: the producer's slot-history record
         table = op["table_name"]
         index = self._index.get(table)
         if index is None:

@@ -46,6 +46,8 @@ class SlotRecord:
     partition_counts: Dict[str, int] = field(default_factory=dict)
     instance: str = ""
     updated_at: float = 0.0
+    snapshots: List[Dict[str, Any]] = field(default_factory=list)  # unfinished snapshots' progress
+    snapshots_done: List[str] = field(default_factory=list)        # ids of the latest finished ones
 
     @property
     def key(self) -> bytes:

@@ -6,9 +6,10 @@ every partition it wrote to) carry a delivery callback, which the ``DeliveryTrac
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from confluent_kafka import KafkaError, KafkaException
 
@@ -118,15 +119,19 @@ class KafkaOutput:
             counts[info.name] = len(topic.partitions)
         return counts
 
-    def produce(self, batch: Batch, tracker: DeliveryTracker, keepalive: Callable[[], None]) -> None:
-        """Produce a batch in order; markers carry the delivery callback."""
+    def produce(self, batch: Batch, tracker: DeliveryTracker, keepalive: Callable[[], None],
+                headers: Optional[List[Tuple[str, bytes]]] = None) -> None:
+        """Produce a batch in order; markers carry the delivery callback; ``headers`` go on every record."""
         topics, values, keys, partitions = batch.topics, batch.values, batch.keys, batch.partitions
         commit_end = batch.commits[-1].end_lsn if batch.commits else None
         markers = batch.markers
         pending = tracker.track(len(markers), commit_end)
-        assert pending is not None
+        if pending is None:  # nothing to produce
+            return
         callback = pending.on_delivery
         produce = self.client.produce
+        if headers is not None:
+            produce = functools.partial(produce, headers=headers)
         index = 0
         produced_markers = 0
         try:

@@ -10,29 +10,34 @@ wait as ``standby`` and take over when it goes (``pgrepl.postgres.lease``).
 from __future__ import annotations
 
 import logging
+import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from confluent_kafka import KafkaError
 from confluent_kafka import Producer as KafkaProducer
 
 from pgrepl._runtime import Waker, install_stop_handlers, run_in_thread
 from pgrepl.errors import ConfigError, DeliveryError, PgreplError
-from pgrepl.postgres.connect import dsn_params
+from pgrepl.postgres.connect import connect, dsn_params, query_one
 from pgrepl.postgres.lease import SlotLease
 from pgrepl.postgres.slot import validate_slot_name
 from pgrepl.producer.history import DEFAULT_HISTORY_TOPIC, SlotHistory, SlotRecord
 from pgrepl.producer.output import KafkaFactory, KafkaOutput, Retry, producer_settings
 from pgrepl.producer.session import Session
+from pgrepl.producer.snapshot import REQUEST_PREFIX, SnapshotCoordinator, SnapshotJob, new_job_id
 from pgrepl.topics import TopicInfo, TopicMapInput, normalize_topic_map
 
 log = logging.getLogger("pgrepl.producer")
 
 #: A session that streamed this long was healthy: the next failure retries quickly again.
 HEALTHY_SESSION = 30.0
+
+#: ``snapshot``: what a slot pgrepl creates starts with.
+SNAPSHOT_MODES = ("initial", "never", "initial_only")
 
 
 @dataclass
@@ -65,6 +70,11 @@ class Producer:
     accepts a changed partition count (keys move); ``split_key_changes`` writes an Update that
     changes the partition key as Delete + Insert (False: one Update, as the original library);
     ``failover`` creates the slot as a failover slot (default: on PostgreSQL 17+).
+
+    Snapshots: a slot pgrepl creates starts with a snapshot of every published table
+    (``snapshot="initial"``; ``"never"``: changes only; ``"initial_only"``: stop once the
+    snapshot is done). ``request_snapshot`` takes one on demand, while streaming goes on; chunks
+    of ``snapshot_chunk_size`` rows are read on ``snapshot_connections`` connections.
     """
 
     def __init__(
@@ -91,6 +101,9 @@ class Producer:
         allow_repartition: bool = False,
         split_key_changes: bool = True,
         failover: Optional[bool] = None,
+        snapshot: str = "initial",
+        snapshot_connections: int = 2,
+        snapshot_chunk_size: int = 10_000,
     ) -> None:
         if not isinstance(pg_dsn, str) or not pg_dsn:
             raise ConfigError("pg_dsn must be a PostgreSQL connection string")
@@ -101,8 +114,13 @@ class Producer:
             raise ConfigError("publication must be a non-empty name")
         if truncate not in ("error", "skip"):
             raise ConfigError(f"truncate must be 'error' or 'skip', got {truncate!r}")
-        if on_slot_loss not in ("fail",):
-            raise ConfigError(f"on_slot_loss must be 'fail', got {on_slot_loss!r}")
+        if on_slot_loss not in ("fail", "resnapshot"):
+            raise ConfigError(f"on_slot_loss must be 'fail' or 'resnapshot', got {on_slot_loss!r}")
+        if snapshot not in SNAPSHOT_MODES:
+            raise ConfigError(f"snapshot must be one of {SNAPSHOT_MODES}, got {snapshot!r}")
+        for name, value in (("snapshot_connections", snapshot_connections), ("snapshot_chunk_size", snapshot_chunk_size)):
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(history_topic, str) or not history_topic:
             raise ConfigError("history_topic must be a Kafka topic name")
         dsn_params(pg_dsn)  # a DSN that does not parse is a configuration error now, not at first connect
@@ -128,13 +146,18 @@ class Producer:
         self.allow_repartition = allow_repartition
         self.split_key_changes = split_key_changes
         self.failover = failover
+        self.snapshot = snapshot
         self._user_kafka_config = dict(kafka_config or {})
         self.instance = uuid.uuid4().hex[:16]
         self.lease = SlotLease(pg_dsn, slot, self.instance)
+        self.waker = Waker()
+        self.snapshots = SnapshotCoordinator(pg_dsn, publication, self.topic_map, self.instance,
+                                             self.lease.application_name, snapshot_connections, snapshot_chunk_size,
+                                             self.waker)
+        self.snapshots.on_job_done = self._snapshot_done
         self.history: SlotHistory  # made with the Kafka client, in start()
         self.slot_records: Dict[bytes, SlotRecord] = {}
         self.stats = ProducerStats()
-        self.waker = Waker()
         self.fatal: Optional[PgreplError] = None
         self._running = threading.Lock()
 
@@ -164,6 +187,27 @@ class Producer:
         """asyncio entry point: runs the producer in a thread; cancelling the task stops it cleanly."""
         self.handle_signals = False
         await run_in_thread(self.start, self.stop)
+
+    def request_snapshot(self, tables: Optional[Sequence[str]] = None, where: Optional[str] = None) -> str:
+        """Ask for a snapshot of ``tables`` (default: every published table), optionally only the rows
+        ``where`` holds; returns its id. The request goes through the WAL (a logical decoding message
+        the active producer sees in its stream), so it works from any process, and survives restarts.
+        ``ConfigError`` for a table that is not published or a filter that is not valid SQL."""
+        job_id = new_job_id("request")
+        conn = connect(self.pg_dsn, application_name=self.lease.application_name)
+        try:
+            self.snapshots.plan(conn, job_id, tables, where)  # checks tables, privileges and the filter now
+            content = json.dumps({"id": job_id, "tables": list(tables) if tables else None, "where": where})
+            query_one(conn, "SELECT pg_logical_emit_message(true, %s, %s)", (REQUEST_PREFIX, content))
+        finally:
+            conn.close()
+        log.info("snapshot %s requested", job_id)
+        return job_id
+
+    def _snapshot_done(self, job: SnapshotJob) -> None:
+        if self.snapshot == "initial_only" and job.id.startswith("initial"):
+            log.info("initial snapshot done (snapshot='initial_only'): stopping")
+            self.stop()
 
     def set_role(self, role: str) -> None:
         """Record (and log, when it changes) whether this producer streams or waits."""

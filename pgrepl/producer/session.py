@@ -23,10 +23,11 @@ from pgrepl.lsn import format_lsn
 from pgrepl.postgres import preflight
 from pgrepl.postgres.connect import connect, publication_option, query_one
 from pgrepl.postgres.lease import LeaseLost
-from pgrepl.postgres.slot import SlotInfo, check_slot, create_slot, get_slot, slot_lost_message
+from pgrepl.postgres.slot import SlotInfo, check_slot, create_slot, drop_slot, get_slot, slot_lost_message
 from pgrepl.producer.delivery import DeliveryTracker
 from pgrepl.producer.history import SlotRecord, history_key
 from pgrepl.producer.output import KafkaOutput, Retry
+from pgrepl.producer.snapshot import new_job_id
 
 if TYPE_CHECKING:
     from pgrepl.producer.producer import Producer
@@ -69,6 +70,7 @@ class Session:
                               split_key_changes=producer.split_key_changes)
             for topic, count in counts.items():
                 decoder.set_partition_count(topic, count)
+            producer.snapshots.encoder(counts)
             start_lsn = slot.confirmed_flush_lsn or 0
             try:
                 rcur = cast(psycopg2.extras.ReplicationCursor, rconn.cursor())
@@ -125,23 +127,44 @@ class Session:
         return str(row[0]), str(row[3])
 
     def _slot(self, conn: psycopg2.extensions.connection, system_identifier: str, database: str) -> SlotInfo:
-        """The slot to stream from: created on first use, never silently recreated, freed from stale holders."""
+        """The slot to stream from: created on first use (with its initial snapshot), never silently
+        recreated, freed from stale holders."""
         producer = self.producer
         key = history_key(system_identifier, database, producer.slot)
         record = producer.slot_records.get(key)
         if record is None:
             record = producer.history.load(key)
         info = get_slot(conn, producer.slot)
-        if info is None:
-            if record is not None:
-                raise SlotLostError(slot_lost_message(producer.slot, f"missing on database {database}",
-                                                      record.confirmed_lsn), producer.slot, record.confirmed_lsn)
+        lost: Optional[str] = None
+        if info is None and record is not None:
+            lost = f"missing on database {database}"
+        elif info is not None and info.invalidated and record is not None:
+            lost = info.invalidated
+        if lost is not None and producer.on_slot_loss != "resnapshot":
+            assert record is not None
+            raise SlotLostError(slot_lost_message(producer.slot, lost, record.confirmed_lsn), producer.slot,
+                                record.confirmed_lsn)
+        created = info is None or lost is not None
+        if lost is not None:
+            log.warning("replication slot %s is %s; recreating it with a new snapshot (on_slot_loss='resnapshot')",
+                        producer.slot, lost)
+            if info is not None:
+                drop_slot(conn, producer.slot)
+            record = None
+        if created:
             info = create_slot(conn, producer.slot, failover=producer.failover)
+        assert info is not None
         check_slot(info, database, record.confirmed_lsn if record is not None else None)
         if record is None:
             record = SlotRecord(producer.slot, database, system_identifier, info.confirmed_flush_lsn or 0,
                                 instance=producer.instance)
+            if created and producer.snapshot != "never":
+                kind = "resnapshot" if lost is not None else "initial"
+                producer.snapshots.add(producer.snapshots.plan(conn, new_job_id(kind), None, None))
+                record.snapshots = producer.snapshots.saved()
             producer.history.save(record, wait=30.0)  # remembered before anything is streamed
+        elif record.snapshots and not producer.snapshots.jobs:
+            producer.snapshots.resume(conn, record.snapshots)
         producer.slot_records[key] = record
         self.record = record
         freed = producer.lease.wait_until_free(conn, producer.waker)
@@ -171,8 +194,10 @@ class Session:
 
     def _start_command(self, start_lsn: int) -> str:
         option = publication_option(self.producer.publication).replace("'", "''")
+        # messages: pgrepl's own logical decoding messages (snapshot watermarks and requests), 14+
+        messages = ", messages 'true'" if self.producer.lease.connection.server_version >= 140000 else ""
         return (f"START_REPLICATION SLOT {self.producer.slot} LOGICAL {format_lsn(start_lsn)} "
-                f"(proto_version '1', publication_names '{option}')")
+                f"(proto_version '1', publication_names '{option}'{messages})")
 
     def _receive_deadline(self, conn: psycopg2.extensions.connection) -> float:
         """Seconds of silence after which the server counts as gone: its own ``wal_sender_timeout``
@@ -198,6 +223,9 @@ class Session:
         waker = producer.waker
         sock = stream.fileno()
         clean = False
+        snapshots = producer.snapshots
+        snapshots.streaming = True
+        snapshots.start_readers()
 
         def keepalive() -> None:
             self._confirm(stream, tracker.confirmable())
@@ -212,7 +240,11 @@ class Session:
                     stats.records += output.produce_complete_transactions(
                         getattr(exc, "partial_batch", None), tracker, keepalive)
                     raise
-                if len(batch):
+                if batch.messages or snapshots.watching:
+                    for part, headers in snapshots.process(batch):
+                        output.produce(part, tracker, keepalive, headers)
+                        stats.records += len(part)
+                elif len(batch):
                     output.produce(batch, tracker, keepalive)
                     stats.records += len(batch)
                 elif batch.commits:
@@ -243,6 +275,8 @@ class Session:
                     stream.send_feedback(sent_flush if sent_flush >= 0 else 0, sent_flush if sent_flush >= 0 else 0,
                                          reply=True)  # ask for a keepalive: is anyone there?
                     probed = True
+                if snapshots.urgent:  # a request or a finished snapshot: recorded before the slot moves on
+                    self._remember(sent_flush, wait=30.0)
                 if now >= next_lease_check:
                     producer.lease.check()
                     self._remember(sent_flush)
@@ -250,6 +284,8 @@ class Session:
                 if now >= next_status:
                     rate = (stats.records - last_status_records) / max(now - last_status_time, 1e-9)
                     self._log_status(conn, rate, confirmed)
+                    if snapshots.active:
+                        log.info("%s", snapshots.status())
                     last_status_records, last_status_time = stats.records, now
                     next_status = now + producer.status_interval
                 if stream.ended:
@@ -260,14 +296,20 @@ class Session:
         finally:
             stats.messages = stream.messages
             stats.bytes_received = stream.bytes_received
-            self._finish(stream, decoder, tracker, clean)
+            try:
+                self._finish(stream, decoder, tracker, clean)
+            finally:
+                snapshots.pause()
 
-    def _remember(self, confirmed: int) -> None:
-        """Record the confirmed position in the slot history when it moved (asynchronously)."""
+    def _remember(self, confirmed: int, wait: float = 0.0) -> None:
+        """Record the confirmed position and snapshot progress in the slot history when they moved
+        (``wait`` > 0: until Kafka acknowledged it)."""
         record = self.record
-        if record is not None and confirmed > record.confirmed_lsn:
-            record.confirmed_lsn = confirmed
-            self.producer.history.save(record)
+        snapshots = self.producer.snapshots
+        if record is not None and (confirmed > record.confirmed_lsn or snapshots.changed or wait):
+            record.confirmed_lsn = max(record.confirmed_lsn, confirmed)
+            record.snapshots = snapshots.saved()
+            self.producer.history.save(record, wait=wait)
 
     def _wait_for_data(self, stream: ReplicationStream, sock: int, batch: Batch, tracker: DeliveryTracker) -> None:
         """Caught up: sleep until the walsender sends more (or a stop), then let a trickle gather."""
@@ -306,6 +348,7 @@ class Session:
         """Report ``lsn`` as written and flushed: the slot's confirmed position follows it."""
         stream.send_feedback(lsn, lsn)
         self.stats.confirmed_lsn = lsn
+        self.producer.snapshots.confirmed(lsn)
 
     def _log_status(self, conn: Any, rate: float, confirmed: int) -> None:
         lag = "?"

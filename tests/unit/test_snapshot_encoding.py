@@ -1,0 +1,76 @@
+"""Snapshot rows (COPY text lines) become the same Insert records the stream gives for the same rows."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgrepl import DecodeError, ReplicationOp
+from pgrepl._core import Decoder, copy_row_keys, copy_row_values, encode_copy_rows
+from pgrepl.testing import pgoutput as m
+
+REL = 16390
+COLS = ["id", "org", "body"]
+TOPIC_MAP = {"inv": {"name": "inv_topic", "partition_key": ["org"]}}
+_COPY_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def copy_line(values: List[Optional[str]]) -> bytes:
+    """A row as PostgreSQL's COPY ... TO STDOUT (text format) writes it."""
+    fields = ["\\N" if v is None else "".join(_COPY_ESCAPES.get(ch, ch) for ch in v) for v in values]
+    return ("\t".join(fields) + "\n").encode()
+
+
+def stream_insert(values: List[Optional[str]], partitions: int = 6) -> tuple:
+    dec = Decoder(TOPIC_MAP)
+    dec.set_partition_count("inv_topic", partitions)
+    batch = dec.decode_batch([m.relation(REL, "public", "inv", COLS), m.begin(500), m.insert(REL, values)])
+    return batch.values[0], batch.keys[0], batch.partitions[0]
+
+
+def snapshot_insert(values_list: List[List[Optional[str]]], partitions: int = 6, lsn: int = 500, seq: int = 0):
+    dec = Decoder(TOPIC_MAP)
+    dec.set_partition_count("inv_topic", partitions)
+    dec.define_relation(REL, "public", "inv", COLS)
+    return encode_copy_rows(dec, REL, [copy_line(v) for v in values_list], lsn, seq)
+
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), TEXT), min_size=3, max_size=3).filter(lambda v: v[1] is not None))
+def test_a_snapshot_row_is_byte_for_byte_the_streams_insert(values: List[Optional[str]]) -> None:
+    batch = snapshot_insert([values])
+    assert (batch.values[0], batch.keys[0], batch.partitions[0]) == stream_insert(values)
+
+
+def test_positions_follow_the_given_lsn_and_sequence() -> None:
+    batch = snapshot_insert([["1", "a", "x"], ["2", "b", None], ["3", "a", "tab\there"]], lsn=0x1_0000_0000, seq=7)
+    ops = [ReplicationOp.from_json(v) for v in batch.values]
+    assert [(o.lsn, o.seq_id) for o in ops] == [(0x1_0000_0000, 7), (0x1_0000_0000, 8), (0x1_0000_0000, 9)]
+    assert ops[2].op.new == ("3", "a", "tab\there")
+    assert batch.keys == [b"a", b"b", b"a"]
+    assert batch.markers == sorted(batch.markers) and batch.markers[-1] == 2
+
+
+def test_copy_fields_and_keys() -> None:
+    line = copy_line(["1", None, "a\\b\nc"])
+    assert copy_row_values(line) == ["1", None, "a\\b\nc"]
+    assert copy_row_keys([line, copy_line(["2", "", ""])], (0, 1), 3) == [b"1\x00\xff", b"2\x00"]
+
+
+@pytest.mark.parametrize("line, fragment", [
+    (b"1\ta\n", "has 2 fields"),
+    (b"1\ta\tb\tc\n", "has 4 fields"),
+    (b"1\ta\tb\\", "lone backslash"),
+    (b"1\ta\t\xff\xfe\n", "invalid UTF-8"),
+])
+def test_malformed_copy_rows_are_decode_errors(line: bytes, fragment: str) -> None:
+    dec = Decoder(TOPIC_MAP)
+    dec.define_relation(REL, "public", "inv", COLS)
+    with pytest.raises(DecodeError, match=fragment):
+        encode_copy_rows(dec, REL, [line], 1, 0)
