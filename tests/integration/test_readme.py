@@ -237,6 +237,8 @@ def test_readme_walkthrough(readme_env: Dict[str, str]) -> None:
         cli.wait_until(lambda: _slot_active(dsn), "walsender on slot_1")
         execute(dsn, "INSERT INTO inventory_table VALUES (3, 'org-c', 'gizmo', 7)")
         cli.wait_until(lambda: len(topic_ops(brokers)) >= 5, "5 records on inventory_topic")
+        run_sql("snapshot-request", dsn)  # the table's two rows again, as snapshot Inserts
+        cli.wait_until(lambda: len(topic_ops(brokers)) >= 7, "the snapshot's 2 records")
     finally:
         cli.finish()
 
@@ -247,7 +249,7 @@ def test_readme_walkthrough(readme_env: Dict[str, str]) -> None:
 
     basic = run_python("consumer-basic", readme_env)
     try:
-        basic.wait_until(lambda: len(basic.lines) >= 5, "5 printed ops")
+        basic.wait_until(lambda: len(basic.lines) >= 7, "7 printed ops")
     finally:
         basic.finish()
     assert sorted(basic.lines)[0].startswith("inventory_table Delete {'id': '2', 'organization_id': 'org-b'")
