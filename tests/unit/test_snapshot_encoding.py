@@ -74,3 +74,25 @@ def test_malformed_copy_rows_are_decode_errors(line: bytes, fragment: str) -> No
     dec.define_relation(REL, "public", "inv", COLS)
     with pytest.raises(DecodeError, match=fragment):
         encode_copy_rows(dec, REL, [line], 1, 0)
+
+
+def test_a_batch_splits_around_a_chunk_with_its_markers_and_commits() -> None:
+    """The stream part before a high watermark keeps only the commits before the watermark's
+    transaction; markers are each part's last record per partition."""
+    from pgrepl.producer.snapshot.coordinator import _part
+
+    dec = Decoder(TOPIC_MAP)
+    dec.set_partition_count("inv_topic", 4)
+    batch = dec.decode_batch([
+        m.relation(REL, "public", "inv", COLS),
+        m.begin(100), m.insert(REL, ["1", "a", "x"]), m.insert(REL, ["2", "b", "y"]), m.commit(100, 110),
+        m.begin(200), m.message("pgrepl.watermark", b'{"chunk": "c", "edge": "high"}'), m.commit(200, 210),
+        m.begin(300), m.insert(REL, ["3", "a", "z"]), m.commit(300, 310),
+    ])
+    assert batch.messages == [(2, 200, "pgrepl.watermark", b'{"chunk": "c", "edge": "high"}')]
+    before = _part(batch, 0, 2, 0, 1)
+    after = _part(batch, 2, 3, 1, 3)
+    assert [c.commit_lsn for c in before.commits] == [100] and [c.commit_lsn for c in after.commits] == [200, 300]
+    assert before.values == batch.values[:2] and after.values == batch.values[2:]
+    assert sorted(before.markers) == before.markers and len(before.markers) == len(set(before.partitions))
+    assert after.markers == [0]

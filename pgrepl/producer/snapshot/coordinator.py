@@ -384,12 +384,16 @@ class SnapshotCoordinator:
                 self.on_job_done(job)
 
     def status(self) -> str:
-        """One line for the status log: tables done, rows, estimate of what is left."""
+        """One line for the status log: tables done, rows, rows/s, and how long the rest may take."""
         tables = [t for job in self.jobs for t in job.tables]
         done = sum(1 for t in tables if t.done)
         rows = sum(t.rows for t in tables)
         estimate = sum(max(t.estimated_rows, t.rows) for t in tables)
-        return f"snapshot: {done}/{len(tables)} tables, {rows} rows of about {estimate}"
+        started = min((job.started for job in self.jobs), default=time.time())
+        rate = rows / max(time.time() - started, 1e-3)
+        eta = f"{(estimate - rows) / rate:.0f} s" if rate > 0 and estimate > rows else "?"
+        return (f"snapshot: {done}/{len(tables)} tables, {rows} of about {estimate} rows, "
+                f"{rate:.0f} rows/s, about {eta} left")
 
 
 def _identities(record: Dict[str, Any], table: TablePlan) -> Set[bytes]:
