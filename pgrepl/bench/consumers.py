@@ -32,7 +32,7 @@ CEILING = "copy"
 def _batched(result: Dict[str, Any]) -> Dict[str, Any]:
     """The copy worker's second figure (COPY in batch-size transactions) as a result of its own."""
     out = {key[len("batched_"):]: value for key, value in result.items() if key.startswith("batched_")}
-    out.update(ok=True, peak_rss_kb=result["peak_rss_kb"])
+    out.update(ok=True, peak_rss_kb=result["peak_rss_kb"], records=result.get("records"))
     out["cpu_s"] = out.get("cpu_user_s", 0.0) + out.get("cpu_sys_s", 0.0)
     return out
 
@@ -58,6 +58,7 @@ def run_consumers(readers: Readers, case: Dict[str, Any]) -> List[Dict[str, Any]
     samples: Dict[str, Dict[str, List[float]]] = {
         k: {"rows_per_s": [], "pct_of_copy": [], "cpu_us_per_row": [], "peak_rss_mb": []} for k in names}
     errors: Dict[str, str] = {}
+    runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in names}
     for rep in range(args.repeat):
         results: Dict[str, Dict[str, Any]] = {}
         for kind, _, writes in KINDS:
@@ -83,6 +84,7 @@ def run_consumers(readers: Readers, case: Dict[str, Any]) -> List[Dict[str, Any]
         writers = {kind for kind, _, writes in KINDS if writes} | {COPY_BATCHED[0]}
         for kind, result in results.items():
             result["pct_of_copy"] = 100.0 * result["rows_per_s"] / ceiling if ceiling and kind in writers else None
+            runs[kind].append({k: v for k, v in result.items() if k != "event" and not k.startswith("batched_")})
             for key, values in samples[kind].items():
                 if result.get(key) is not None:
                     values.append(result[key])
@@ -90,7 +92,7 @@ def run_consumers(readers: Readers, case: Dict[str, Any]) -> List[Dict[str, Any]
     labels[COPY_BATCHED[0]] = COPY_BATCHED[1].format(batch=BATCH_SIZE)
     out: List[Dict[str, Any]] = []
     for kind in names:
-        entry: Dict[str, Any] = dict(base, consumer=labels[kind], kind=kind)
+        entry: Dict[str, Any] = dict(base, consumer=labels[kind], kind=kind, runs=runs[kind])
         if samples[kind]["rows_per_s"]:
             entry.update({key: figure_dict(values) for key, values in samples[kind].items()})
         else:

@@ -70,8 +70,8 @@ def run_latency(readers: Readers) -> List[Dict[str, Any]]:
                 next_id += figures.pop("made")
                 ui.done_step()
                 if "error" in figures:
-                    readers.failures += 1
                     errors[reader] = figures["error"]
+                    readers.failed(f"[latency {rate:,} rows/s] {reader} run {rep + 1} failed: {figures['error']}")
                     continue
                 for metric in _METRICS:
                     if figures.get(metric) is not None:

@@ -229,6 +229,7 @@ class Readers:
         result: Optional[Dict[str, Any]] = None
         started: Dict[str, Any] = {}
         deadline = time.monotonic() + self.args.timeout + 60
+        exited_at: Optional[float] = None
         while True:
             try:
                 event = events.get(timeout=0.2)
@@ -236,7 +237,12 @@ class Readers:
                 if time.monotonic() > deadline:
                     self.resources.stop_process(proc)
                     return {"ok": False, "error": f"worker timed out (log {self.log_path(slot)})"}
-                if exited(proc):
+                # A child that exited may still have its last lines (a result with every latency sample
+                # is megabytes) in the pipe or in the pump's hands: wait for the end of its stdout,
+                # for a while (its stdout could be held open by a grandchild).
+                if exited_at is None and exited(proc):
+                    exited_at = time.monotonic()
+                if exited_at is not None and time.monotonic() - exited_at > 30:
                     break
                 continue
             if event.get("event") == "progress":

@@ -267,7 +267,8 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
             if stats.handled >= expected and "t0" in marks:
                 cpu1 = _cpu()
                 result.update(ok=True, wall_s=now - marks["t0"], cpu_user_s=cpu1["user"] - marks["cpu0"]["user"],
-                              cpu_sys_s=cpu1["sys"] - marks["cpu0"]["sys"], records=stats.handled)
+                              cpu_sys_s=cpu1["sys"] - marks["cpu0"]["sys"], records=stats.handled,
+                              transactions=stats.transactions, batches=stats.batches)
                 break
             if now - started > timeout:
                 result.update(ok=False, error=f"handled {stats.handled} of {expected} ops before the timeout",
