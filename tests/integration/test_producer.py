@@ -63,6 +63,7 @@ def as_op(record: Dict) -> Tuple[str, Optional[tuple], Optional[tuple]]:
     return kind, tuple(payload[0]), tuple(payload[1])
 
 
+@pytest.mark.smoke
 def test_inserts_updates_deletes_across_tables_and_topics(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
                                                           drop_replication_slot) -> None:
     p = name_prefix
@@ -171,6 +172,7 @@ def published(pg_dsn: str, name_prefix: str) -> str:
     ("nullable_key_column", "partition-key column 'maybe' of table public.PREFIXt is nullable; make it NOT NULL"),
     ("replica_identity", 'needs the full old row for updates and deletes; run: ALTER TABLE "public"."PREFIXt" REPLICA IDENTITY FULL'),
 ])
+@pytest.mark.smoke
 def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str, published: str, case: str,
                                                fragment: str) -> None:
     p = published
@@ -195,6 +197,7 @@ def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str
     assert fragment.replace("PREFIX", p) in str(info.value)
 
 
+@pytest.mark.smoke
 def test_publication_without_updates_or_deletes_needs_no_replica_identity(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot) -> None:
     p = name_prefix
@@ -235,6 +238,7 @@ def test_hostile_publication_name_is_quoted(pg_dsn: str, kafka_bootstrap: str, n
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_idle_publication_on_busy_database_advances_the_slot(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
                                                              drop_replication_slot) -> None:
     p = name_prefix
@@ -254,6 +258,7 @@ def test_idle_publication_on_busy_database_advances_the_slot(pg_dsn: str, kafka_
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_stale_slot_holder_is_terminated(pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot,
                                          caplog: pytest.LogCaptureFixture) -> None:
     p = name_prefix
@@ -286,6 +291,7 @@ def test_unreachable_broker_is_retried_with_a_clear_message(pg_dsn: str, name_pr
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_wal_level_replica_is_a_config_error(local_pg, kafka_bootstrap: str) -> None:
     if local_pg is None:
         pytest.skip("needs the local sandbox (starts a second server with wal_level=replica)")
@@ -358,6 +364,7 @@ def test_asyncio_entry_point_and_cancellation(pg_dsn: str, kafka_bootstrap: str,
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_partitions_of_a_partitioned_table_need_replica_identity_full(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str) -> None:
     p = name_prefix

@@ -77,6 +77,7 @@ def start_cli(config: Path, log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+@pytest.mark.smoke
 def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, tmp_path: Path) -> None:
     p = name_prefix
@@ -128,6 +129,7 @@ def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
         assert not missing, f"slot confirmed {confirmed} but {len(missing)} earlier ops were not on Kafka"
 
 
+@pytest.mark.smoke
 def test_stalled_broker_and_postgres_restart_recover_by_themselves(
         local_pg: Optional[LocalPostgres], local_broker: Optional[LocalBroker], pg_dsn: str, kafka_bootstrap: str,
         name_prefix: str, drop_replication_slot) -> None:
