@@ -15,8 +15,9 @@ package (a dependency of ``pgrepl[test]``), so ``install 18`` only checks it is 
 
 ``without-system`` runs a command as if no PostgreSQL server were installed on the machine:
 ``$PGREPL_PG_BINDIR`` and ``$PGREPL_PG_VERSION`` unset, ``PATH`` without directories holding a
-server, and (as root, in a private mount namespace made by ``unshare``) ``/usr/lib/postgresql``
-and ``/usr/pgsql-*`` covered by empty file systems. It is how CI and the tests prove that
+server, and (as root, in a private mount namespace made by ``unshare``) ``/usr/lib/postgresql``,
+``/usr/pgsql-*`` and ``/usr/share/postgresql-common`` (Debian's wrapper behind ``/usr/bin/psql``,
+``pg_recvlogical``, ...) covered by empty file systems. It is how CI and the tests prove that
 ``LocalPostgres`` then runs the packaged server.
 """
 
@@ -39,8 +40,9 @@ from pgrepl.testing.pg_binaries import (
     parse_major, pip_install, server_version, system_bindir,
 )
 
-#: Directories where distributions put server installs; covered by ``without-system``.
-SYSTEM_SERVER_GLOBS = ("/usr/lib/postgresql", "/usr/pgsql-*")
+#: Where distributions put PostgreSQL (servers; Debian's wrappers behind /usr/bin/psql, pg_recvlogical, ...);
+#: covered by ``without-system``.
+SYSTEM_SERVER_GLOBS = ("/usr/lib/postgresql", "/usr/pgsql-*", "/usr/share/postgresql-common")
 
 
 def _npm() -> str:
