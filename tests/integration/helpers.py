@@ -97,6 +97,17 @@ def current_wal_lsn(dsn: str) -> int:
         conn.close()
 
 
+def server_version_num(dsn: str) -> int:
+    """The server's ``server_version_num``, e.g. 170010 (version-dependent tests branch on it)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('server_version_num')::int")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
 def execute(dsn: str, *statements: str, params: Any = None) -> None:
     conn = psycopg2.connect(dsn)
     conn.autocommit = True

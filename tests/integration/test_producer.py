@@ -16,7 +16,7 @@ from confluent_kafka import Producer as KafkaProducer
 from pgrepl import ConfigError, ReplicationOp
 from pgrepl.producer import Producer
 from tests.integration.helpers import (
-    current_wal_lsn, execute, read_topic, running, slot_state, wait_for, wait_streaming,
+    current_wal_lsn, execute, read_topic, running, server_version_num, slot_state, wait_for, wait_streaming,
 )
 
 INV_COLUMNS = ["id", "org", "qty", "price", "note", "tags", "payload", "seen", "big"]
@@ -171,6 +171,8 @@ def published(pg_dsn: str, name_prefix: str) -> str:
     ("missing_key_column", "partition-key column 'nope' does not exist in table public.PREFIXt"),
     ("nullable_key_column", "partition-key column 'maybe' of table public.PREFIXt is nullable; make it NOT NULL"),
     ("replica_identity", 'needs the full old row for updates and deletes; run: ALTER TABLE "public"."PREFIXt" REPLICA IDENTITY FULL'),
+    ("generated_key_column", "partition-key column 'gen' of table public.PREFIXt is not published"),
+    ("key_left_out_of_column_list", "partition-key column 'org' of table public.PREFIXt is not published"),
 ])
 @pytest.mark.smoke
 def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str, published: str, case: str,
@@ -191,6 +193,13 @@ def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str
         topic_map[f"{p}t"]["partition_key"] = ["maybe"]
     elif case == "replica_identity":
         execute(pg_dsn, f"ALTER TABLE {p}t REPLICA IDENTITY DEFAULT")
+    elif case == "generated_key_column":  # pgoutput sends none before PostgreSQL 18 (and only on request there)
+        execute(pg_dsn, f"ALTER TABLE {p}t ADD COLUMN gen text NOT NULL GENERATED ALWAYS AS (org || '!') STORED")
+        topic_map[f"{p}t"]["partition_key"] = ["gen"]
+    elif case == "key_left_out_of_column_list":  # column lists: PostgreSQL 15+
+        if server_version_num(pg_dsn) < 150000:
+            pytest.skip("publication column lists need PostgreSQL 15+")
+        execute(pg_dsn, f"ALTER PUBLICATION {p}pub SET TABLE {p}t (id, maybe)")
     producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", publication, topic_map, handle_signals=False)
     with pytest.raises(ConfigError) as info:
         producer.start()
