@@ -38,6 +38,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
@@ -363,11 +364,26 @@ def _mirror_root() -> str:
     return root
 
 
+def _prune_copies(root: str, keep_seconds: float = 3600.0) -> None:
+    """Remove copies whose source is gone (a deleted virtual environment), unless made within ``keep_seconds``."""
+    for entry in os.scandir(root):
+        meta = os.path.join(entry.path, COPY_META)
+        try:
+            with open(meta, encoding="utf-8") as fh:
+                source = json.load(fh).get("copy_of")
+            age = time.time() - os.stat(meta).st_mtime
+        except (OSError, ValueError, AttributeError):
+            continue
+        if source and not os.path.exists(source) and age > keep_seconds:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def reachable_install(install: PgInstall, user: Optional[pwd.struct_passwd]) -> PgInstall:
     """``install`` if ``user`` (None: ourselves) can execute its server, else a reachable copy of its tree.
 
     The copy's name hashes the source path and the server binary's identity, so a changed
-    package gets a new copy; an unchanged one is reused by every later run.
+    package gets a new copy; an unchanged one is reused by every later run. Making a copy
+    removes those whose source has been gone for an hour.
     """
     postgres = os.path.join(install.bindir, "postgres")
     if can_execute(user, postgres):
@@ -382,6 +398,7 @@ def reachable_install(install: PgInstall, user: Optional[pwd.struct_passwd]) -> 
     key = hashlib.sha256(f"{os.path.realpath(root)}|{st.st_ino}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = os.path.join(_mirror_root(), f"{install.version}-{key}")
     if not os.path.isfile(os.path.join(dest, COPY_META)):
+        _prune_copies(os.path.dirname(dest))
         tmp = f"{dest}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         for part in parts:
