@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from pgrepl.errors import ConfigError
 from pgrepl.model import ReplicationOp
 from pgrepl.producer import Producer
 from pgrepl.testing import LocalBroker, LocalPostgres
@@ -56,7 +57,11 @@ def read_ops(bootstrap: str, expected: int, timeout: float = 30.0) -> List[Tuple
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    pg = LocalPostgres()  # which binaries: a system server, else the packaged one (pgrepl.testing.pg_binaries)
+    try:  # which binaries: a system server, else the packaged one (pgrepl.testing.pg_binaries)
+        pg = LocalPostgres()
+    except ConfigError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     print(f"starting a throwaway PostgreSQL {pg.version} ({pg.install.source}; wal_level=logical) "
           "and a Kafka-protocol broker (tansu) ...")
     with pg, LocalBroker() as broker:
