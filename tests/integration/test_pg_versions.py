@@ -73,7 +73,8 @@ def test_root_runs_packaged_binaries_it_cannot_share_through_a_copy(tmp_path: Pa
     script = ("import json; from pgrepl.testing import LocalPostgres\n"
               "with LocalPostgres() as pg:\n"
               "    print(json.dumps([pg.bindir, pg.install.source, pg.query('SELECT version()')[0][0]]))\n")
-    env = dict(os.environ, PYTHONPATH=f"{private}{os.pathsep}{PROJECT_ROOT}", PGREPL_PG_BINDIR="packaged")
+    env = {k: v for k, v in os.environ.items() if k != ENV_PG_VERSION}
+    env.update(PYTHONPATH=f"{private}{os.pathsep}{PROJECT_ROOT}", PGREPL_PG_BINDIR="packaged")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                          check=False)
     assert run.returncode == 0, run.stdout + run.stderr
