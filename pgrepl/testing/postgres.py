@@ -8,9 +8,8 @@ standby (:mod:`pgrepl.testing.standby`).
 PostgreSQL refuses to run as root. When running as root the data directory is given to
 the ``postgres`` OS user (or ``nobody``, see :mod:`pgrepl.testing._serveruser`) and the server
 is started as that user directly by ``subprocess.Popen(user=..., group=...)`` rather than
-through ``runuser``: ``runuser``
-forks and waits, so the recorded PID would be ``runuser``'s and not the postmaster's, and
-a death signal set on ``runuser`` would not reach the server.
+through ``runuser``: ``runuser`` forks and waits, so the recorded PID would be ``runuser``'s
+and not the postmaster's, and a death signal set on ``runuser`` would not reach the server.
 """
 
 from __future__ import annotations
