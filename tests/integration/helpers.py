@@ -90,15 +90,25 @@ def slot_state(dsn: str, slot: str) -> Tuple[Optional[int], Optional[int]]:
     return (parse_lsn(row[0]) if row[0] else None), row[1]
 
 
-def current_wal_lsn(dsn: str) -> int:
-    """The WAL insert position: everything committed so far ends at or before it."""
+def query_value(dsn: str, sql: str) -> Any:
+    """The first column of the first row of ``sql``."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
-            return parse_lsn(cur.fetchone()[0])
+            cur.execute(sql)
+            return cur.fetchone()[0]
     finally:
         conn.close()
+
+
+def current_wal_lsn(dsn: str) -> int:
+    """The WAL insert position: everything committed so far ends at or before it."""
+    return parse_lsn(query_value(dsn, "SELECT pg_current_wal_insert_lsn()::text"))
+
+
+def server_version_num(dsn: str) -> int:
+    """The server's ``server_version_num``, e.g. 170010 (version-dependent tests branch on it)."""
+    return int(query_value(dsn, "SELECT current_setting('server_version_num')::int"))
 
 
 def execute(dsn: str, *statements: str, params: Any = None) -> None:

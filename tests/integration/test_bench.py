@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -16,6 +17,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 ROOT = Path(__file__).resolve().parents[2]
+# Set in the environment of the benches these tests start (and so of their readers): other test runs
+# on the same machine start readers too, which must not count as this run's.
+_RUN_MARK = f"PGREPL_BENCH_TEST_RUN={uuid.uuid4().hex}".encode()
 
 
 def bench_objects(dsn: str) -> Dict[str, Set[str]]:
@@ -41,7 +45,7 @@ def bench_topics(bootstrap: str) -> Set[str]:
 
 
 def reader_processes() -> Set[int]:
-    """PIDs of live bench workers, pg_recvlogical and Debezium driver processes."""
+    """PIDs of live bench workers, pg_recvlogical and Debezium driver processes of the benches these tests started."""
     found: Set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -51,10 +55,14 @@ def reader_processes() -> Set[int]:
                 cmdline = fh.read().replace(b"\0", b" ")
             with open(f"/proc/{entry}/stat", "rb") as fh:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z" or not any(name in cmdline for name in (b"pgrepl.bench.worker", b"pg_recvlogical",
+                                                                     b"PgreplBenchDebezium")):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                ours = _RUN_MARK in fh.read().split(b"\0")
         except OSError:
             continue
-        if state != b"Z" and any(name in cmdline for name in (b"pgrepl.bench.worker", b"pg_recvlogical",
-                                                               b"PgreplBenchDebezium")):
+        if ours:
             found.add(int(entry))
     return found
 
@@ -76,6 +84,8 @@ def streaming_bench_slot(dsn: str) -> Optional[str]:
 def start_bench(args: List[str], log: Path, **environ: str) -> "subprocess.Popen[bytes]":
     env = dict(os.environ, **environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    name, value = _RUN_MARK.decode().split("=", 1)
+    env[name] = value
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "pgrepl.bench", "--no-progress", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))

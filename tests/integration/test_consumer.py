@@ -250,6 +250,7 @@ def _spawn_sink(dsn: str, bootstrap: str, topic: str, group: str, p: str, log: P
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_end_to_end_producer_to_idempotent_sink(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
                                                 drop_replication_slot: Callable[[str], bool]) -> None:
     p = name_prefix

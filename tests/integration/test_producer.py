@@ -17,7 +17,7 @@ from confluent_kafka import Producer as KafkaProducer
 from pgrepl import ConfigError, ReplicationOp
 from pgrepl.producer import Producer
 from tests.integration.helpers import (
-    current_wal_lsn, execute, read_topic, running, slot_state, wait_for, wait_streaming,
+    current_wal_lsn, execute, read_topic, running, server_version_num, slot_state, wait_for, wait_streaming,
 )
 
 INV_COLUMNS = ["id", "org", "qty", "price", "note", "tags", "payload", "seen", "big"]
@@ -68,6 +68,7 @@ def as_op(record: Dict) -> Tuple[str, Optional[tuple], Optional[tuple]]:
     return kind, tuple(payload[0]), tuple(payload[1])
 
 
+@pytest.mark.smoke
 def test_inserts_updates_deletes_across_tables_and_topics(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
                                                           drop_replication_slot) -> None:
     p = name_prefix
@@ -175,7 +176,10 @@ def published(pg_dsn: str, name_prefix: str) -> str:
     ("missing_key_column", "partition-key column 'nope' does not exist in table public.PREFIXt"),
     ("nullable_key_column", "partition-key column 'maybe' of table public.PREFIXt is nullable; make it NOT NULL"),
     ("replica_identity", 'needs the full old row for updates and deletes; run: ALTER TABLE "public"."PREFIXt" REPLICA IDENTITY FULL'),
+    ("generated_key_column", "partition-key column 'gen' of table public.PREFIXt is not published"),
+    ("key_left_out_of_column_list", "partition-key column 'org' of table public.PREFIXt is not published"),
 ])
+@pytest.mark.smoke
 def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str, published: str, case: str,
                                                fragment: str) -> None:
     p = published
@@ -194,12 +198,20 @@ def test_preflight_failures_say_what_to_change(pg_dsn: str, kafka_bootstrap: str
         topic_map[f"{p}t"]["partition_key"] = ["maybe"]
     elif case == "replica_identity":
         execute(pg_dsn, f"ALTER TABLE {p}t REPLICA IDENTITY DEFAULT")
+    elif case == "generated_key_column":  # pgoutput sends none before PostgreSQL 18 (and only on request there)
+        execute(pg_dsn, f"ALTER TABLE {p}t ADD COLUMN gen text NOT NULL GENERATED ALWAYS AS (org || '!') STORED")
+        topic_map[f"{p}t"]["partition_key"] = ["gen"]
+    elif case == "key_left_out_of_column_list":  # column lists: PostgreSQL 15+
+        if server_version_num(pg_dsn) < 150000:
+            pytest.skip("publication column lists need PostgreSQL 15+")
+        execute(pg_dsn, f"ALTER PUBLICATION {p}pub SET TABLE {p}t (id, maybe)")
     producer = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", publication, topic_map, handle_signals=False)
     with pytest.raises(ConfigError) as info:
         producer.start()
     assert fragment.replace("PREFIX", p) in str(info.value)
 
 
+@pytest.mark.smoke
 def test_publication_without_updates_or_deletes_needs_no_replica_identity(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot) -> None:
     p = name_prefix
@@ -240,6 +252,7 @@ def test_hostile_publication_name_is_quoted(pg_dsn: str, kafka_bootstrap: str, n
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_idle_publication_on_busy_database_advances_the_slot(pg_dsn: str, kafka_bootstrap: str, name_prefix: str,
                                                              drop_replication_slot) -> None:
     p = name_prefix
@@ -269,6 +282,7 @@ def _hold_slot(dsn: str, p: str, application_name: str) -> Any:
     return holder
 
 
+@pytest.mark.smoke
 def test_a_holder_that_is_not_pgrepl_is_waited_for_never_terminated(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, caplog: pytest.LogCaptureFixture) -> None:
     p = name_prefix
@@ -319,6 +333,7 @@ def test_unreachable_broker_is_retried_with_a_clear_message(pg_dsn: str, name_pr
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_wal_level_replica_is_a_config_error(local_pg, kafka_bootstrap: str) -> None:
     if local_pg is None:
         pytest.skip("needs the local sandbox (starts a second server with wal_level=replica)")
@@ -391,6 +406,7 @@ def test_asyncio_entry_point_and_cancellation(pg_dsn: str, kafka_bootstrap: str,
     drop_replication_slot(f"{p}slot")
 
 
+@pytest.mark.smoke
 def test_partitions_of_a_partitioned_table_need_replica_identity_full(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str) -> None:
     p = name_prefix

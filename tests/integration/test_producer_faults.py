@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     slot_state, source_rows, start_cli, wait_for, wait_streaming,
 )
 
+@pytest.mark.smoke
 def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot, tmp_path: Path) -> None:
     p = name_prefix
@@ -69,6 +70,7 @@ def test_sigkill_crashes_lose_nothing_and_never_confirm_undelivered(
         assert not missing, f"slot confirmed {confirmed} but {len(missing)} earlier ops were not on Kafka"
 
 
+@pytest.mark.smoke
 def test_stalled_broker_and_postgres_restart_recover_by_themselves(
         local_pg: Optional[LocalPostgres], local_broker: Optional[LocalBroker], pg_dsn: str, kafka_bootstrap: str,
         name_prefix: str, drop_replication_slot) -> None:

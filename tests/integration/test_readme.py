@@ -106,9 +106,9 @@ def test_every_readme_example_is_covered() -> None:
 class Example:
     """A README example running in its own process; its stdout lines are collected as they come."""
 
-    def __init__(self, argv: List[str], cwd: Path, env: Dict[str, str], name: str) -> None:
+    def __init__(self, argv: List[str], cwd: Path, env: Dict[str, str], name: str, logs: Optional[Path] = None) -> None:
         self.name = name
-        self.stderr_path = cwd / f"{name}.stderr"
+        self.stderr_path = (logs or cwd) / f"{name}.stderr"
         self.lines: List[str] = []
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=stderr,
@@ -306,7 +306,7 @@ def test_make_demo_prints_what_the_readme_shows(tmp_path: Path) -> None:
     assert len(shown_ops) == 4
     in_repo_venv = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve() and shutil.which("make")
     argv = ["make", "-s", "demo"] if in_repo_venv else [sys.executable, "-m", "pgrepl.demo"]
-    run = Example(argv, ROOT if in_repo_venv else tmp_path, dict(os.environ), "demo")
+    run = Example(argv, ROOT if in_repo_venv else tmp_path, dict(os.environ), "demo", logs=tmp_path)
     run.finish(terminate=False, timeout=180)
     assert _demo_ops(run.lines) == shown_ops, run.log()
     assert any(line.startswith("stopped cleanly; slot confirmed up to LSN") for line in run.lines), run.log()

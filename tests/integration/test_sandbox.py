@@ -38,6 +38,7 @@ PROJECT_ROOT = Path(pgrepl.__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_wal_level_is_logical(pg_dsn: str) -> None:
     conn = psycopg2.connect(pg_dsn)
     try:
@@ -52,6 +53,7 @@ def test_wal_level_is_logical(pg_dsn: str) -> None:
     assert max_slots > 0
 
 
+@pytest.mark.smoke
 def test_pgoutput_slot_receives_inserts(
     pg_dsn: str, name_prefix: str, drop_replication_slot: Callable[[str], bool]
 ) -> None:
@@ -99,6 +101,7 @@ def test_pgoutput_slot_receives_inserts(
     assert types[-1] == b"C" and {b"B", b"R", b"I", b"C"} <= set(types), types
 
 
+@pytest.mark.smoke
 def test_local_postgres_restart(local_pg: Optional[LocalPostgres], name_prefix: str) -> None:
     if local_pg is None:
         pytest.skip("PostgreSQL is external (PGREPL_TEST_PG_DSN): cannot restart it")
@@ -127,6 +130,7 @@ def test_local_postgres_restart(local_pg: Optional[LocalPostgres], name_prefix: 
         conn.close()
 
 
+@pytest.mark.smoke
 def test_restart_does_not_hang_on_a_stalled_replication_client(
     local_pg: Optional[LocalPostgres], name_prefix: str, drop_replication_slot: Callable[[str], bool]
 ) -> None:
@@ -215,6 +219,7 @@ def _start_owner_and_kill_it(tmp_path: Path, pdeathsig: bool) -> Tuple[int, str,
     return postmaster, sandbox_dir, children
 
 
+@pytest.mark.smoke
 def test_sweep_kills_orphaned_postgres(local_pg: Optional[LocalPostgres], tmp_path: Path) -> None:
     """With the death signal off, only the sweep stands between a SIGKILLed owner and an orphan."""
     if local_pg is None:
