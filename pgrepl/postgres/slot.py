@@ -92,15 +92,17 @@ def server_version(conn: psycopg2.extensions.connection) -> int:
 
 
 def create_slot(conn: psycopg2.extensions.connection, slot: str, *, failover: Optional[bool] = None) -> SlotInfo:
-    """Create a pgoutput slot (a failover slot on PostgreSQL 17+ unless ``failover`` is False).
-
-    A slot created concurrently by another producer is taken as it is.
+    """Create a pgoutput slot (on PostgreSQL 17+ a failover slot, unless ``failover`` is False or the
+    server is a standby, where a slot cannot be one). A slot created concurrently by another
+    producer is taken as it is.
     """
     validate_slot_name(slot)
     version = server_version(conn)
-    if failover and version < 170000:
-        raise ConfigError(f"failover slots need PostgreSQL 17 or later; this server is {version // 10000}")
-    use_failover = version >= 170000 if failover is None else failover
+    (standby,) = query_one(conn, "SELECT pg_is_in_recovery()")
+    if failover and (version < 170000 or standby):
+        raise ConfigError("failover slots need PostgreSQL 17 or later and a primary; this server is "
+                          f"{'a standby' if standby else version // 10000}: set failover=False")
+    use_failover = version >= 170000 and not standby if failover is None else failover
     try:
         if version >= 170000:
             (lsn,) = query_one(conn, "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput', "
