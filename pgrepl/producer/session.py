@@ -80,7 +80,8 @@ class Session:
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, start_lsn)
             log.info("streaming slot %s of publication %s from %s into Kafka at %s", producer.slot,
                      producer.publication, format_lsn(start_lsn), self.output.brokers)
-            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn), self._receive_deadline(conn))
+            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn, producer.delivery_observer),
+                         self._receive_deadline(conn))
         except StreamError as exc:
             raise Retry(f"replication connection lost: {exc}") from None
         except LeaseLost as exc:
