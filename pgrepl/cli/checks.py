@@ -80,7 +80,9 @@ class Checkup:
             self.attempt("kafka settings", self._kafka_settings)
             if self.attempt("postgres connection", self._connect) is not None:
                 self._postgres_checks()
-            if self.client is not None and self.attempt("kafka", self._kafka) is not None:
+            if self.client is None:
+                self.add("kafka", "skip", "not tried: the kafka settings must be fixed first")
+            elif self.attempt("kafka", self._kafka) is not None:
                 self.attempt("topics", self._topics)
                 if self.identity is not None:
                     self.attempt("slot history", self._history)
