@@ -1,0 +1,99 @@
+"""The metrics pieces without services: the HTTP endpoint, the latency histogram, the delivery hook."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+from typing import Any, List, Sequence, Tuple
+
+import pytest
+
+from pgrepl.metrics.latency import POSTGRES_EPOCH, LatencyHistogram
+from pgrepl.producer.delivery import DeliveryTracker
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+
+def _get(port: int, path: str) -> Tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_endpoint_serves_metrics_health_and_readiness() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from pgrepl.metrics.server import MetricsServer
+
+    registry = CollectorRegistry()
+    Counter("pgrepl_test_things", "things", registry=registry).inc(3)
+    state = {"ready": (False, "starting")}
+    server = MetricsServer(registry, lambda: state["ready"], "127.0.0.1", 0)
+    server.start()
+    try:
+        assert _get(server.port, "/healthz") == (200, "ok\n")
+        assert _get(server.port, "/readyz") == (503, "not ready: starting\n")
+        state["ready"] = (True, "active: streaming")
+        assert _get(server.port, "/readyz") == (200, "ready: active: streaming\n")
+        status, body = _get(server.port, "/metrics")
+        assert status == 200 and "pgrepl_test_things_total 3.0" in body
+        assert _get(server.port, "/nope")[0] == 404
+    finally:
+        server.close()
+
+
+def test_a_port_in_use_is_a_config_error() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pgrepl import ConfigError
+    from pgrepl.metrics.server import MetricsServer
+
+    first = MetricsServer(CollectorRegistry(), lambda: (True, ""), "127.0.0.1", 0)
+    try:
+        with pytest.raises(ConfigError, match="cannot serve metrics on 127.0.0.1"):
+            MetricsServer(CollectorRegistry(), lambda: (True, ""), "127.0.0.1", first.port)
+    finally:
+        first.close()
+
+
+def test_latency_histogram_counts_each_commit() -> None:
+    now = time.time()
+    commit = lambda seconds_ago: SimpleNamespace(commit_time=int((now - seconds_ago - POSTGRES_EPOCH) * 1e6))  # noqa: E731
+    histogram = LatencyHistogram(buckets=(0.01, 0.1, 1.0))
+    histogram.observe_commits([commit(0.005), commit(0.05), commit(0.5), commit(5), commit(-1)], now=now)
+    assert list(histogram.buckets()) == [["0.01", 2], ["0.1", 3], ["1.0", 4], ["+Inf", 5]]
+    assert histogram.sum == pytest.approx(5.555, abs=0.01)
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.tracker: Any = None
+        self.seen: List[Tuple[int, int, int]] = []
+
+    def attach(self, tracker: DeliveryTracker) -> None:
+        self.tracker = tracker
+
+    def delivered(self, records: int, nbytes: int, commits: Sequence[Any]) -> None:
+        self.seen.append((records, nbytes, len(commits)))
+
+
+def test_delivery_tracker_reports_acknowledged_batches_to_its_observer() -> None:
+    observer = _Observer()
+    tracker = DeliveryTracker(100, observer)
+    assert observer.tracker is tracker
+    batch = SimpleNamespace(values=[b"ab", b"cde", b"f"], commits=[SimpleNamespace(commit_time=0)] * 2)
+    pending = tracker.track(2, 200, batch)
+    assert pending is not None and tracker.oldest_unacknowledged() >= 0
+    pending.on_delivery(None, None)
+    assert observer.seen == []
+    pending.on_delivery(None, None)
+    assert observer.seen == [(3, 6, 2)] and tracker.confirmable() == 200
+    cut = tracker.track(2, 300, batch)
+    assert cut is not None
+    cut.abandon(1)  # cut short: not reported as delivered
+    cut.on_delivery(None, None)
+    assert observer.seen == [(3, 6, 2)]
