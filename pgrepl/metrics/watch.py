@@ -18,7 +18,7 @@ import psycopg2.extensions
 
 from pgrepl import kafka_settings
 from pgrepl.errors import PgreplError, first_line
-from pgrepl.postgres.connect import connect
+from pgrepl.postgres.connect import close_quietly, connect
 from pgrepl.postgres.slot import SlotInfo, get_slot, slot_usage, wal_position
 
 log = logging.getLogger("pgrepl.metrics")
@@ -155,9 +155,6 @@ class SlotWatch:
         self.warning, self._kind = warning, kind
 
     def close(self) -> None:
+        """Close the watch's connection (the next ``read`` opens a new one)."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg2.Error:
-                pass
+        close_quietly(conn)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import psycopg2
 import psycopg2.extensions
@@ -133,6 +133,15 @@ def connect(dsn: str, *, replication: bool = False, application_name: str = "pgr
     if not replication:
         conn.autocommit = True
     return conn
+
+
+def close_quietly(conn: Optional[psycopg2.extensions.connection]) -> None:
+    """Close a connection that may already be broken (or None): nothing is left to report."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
 
 
 def quote_ident(name: str) -> str:

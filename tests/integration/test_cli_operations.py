@@ -15,7 +15,7 @@ import psycopg2.extensions
 import pytest
 from confluent_kafka import Producer as KafkaProducer
 
-from pgrepl.producer.history import SlotHistory, SlotRecord, history_key
+from pgrepl.producer.history import SlotHistory, SlotRecord
 from tests.integration.helpers import PROJECT_ROOT, execute, make_source
 
 PASSWORD = "S3cr3t-pw"  # the sandbox trusts local connections, so any password gets in: none may be printed
