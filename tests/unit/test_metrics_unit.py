@@ -97,3 +97,25 @@ def test_delivery_tracker_reports_acknowledged_batches_to_its_observer() -> None
     cut.abandon(1)  # cut short: not reported as delivered
     cut.on_delivery(None, None)
     assert observer.seen == [(3, 6, 2)]
+
+
+def test_slot_watch_warns_on_retained_wal_and_low_safe_wal_size(caplog: pytest.LogCaptureFixture) -> None:
+    from pgrepl.metrics.watch import SlotFacts, SlotWatch
+    from pgrepl.postgres.slot import SlotInfo
+
+    watch = SlotWatch("dbname=x", "s1", wal_warning_bytes=1000, safe_wal_warning_bytes=500)
+    slot = SlotInfo("s1", "pgoutput", "logical", "db", None, 10, restart_lsn=5, wal_status="reserved")
+    with caplog.at_level("INFO", logger="pgrepl.metrics"):
+        watch._judge(SlotFacts(slot, 100, False, 95, 90, None, 1.0))
+        assert watch.warning is None
+        watch._judge(SlotFacts(slot, 5000, False, 4995, 4990, None, 2.0))
+        assert watch.warning is not None and "retains 4995 bytes of WAL" in watch.warning
+        watch._judge(SlotFacts(slot, 5001, False, 4996, 4991, None, 3.0))  # the same warning: not logged again
+        low = SlotInfo("s1", "pgoutput", "logical", "db", None, 10, restart_lsn=5, wal_status="unreserved",
+                       safe_wal_size=100)
+        watch._judge(SlotFacts(low, 100, False, 95, 90, None, 4.0))
+        assert watch.warning is not None and "100 bytes of WAL away from being invalidated" in watch.warning
+        watch._judge(SlotFacts(slot, 100, False, 95, 90, None, 5.0))
+        assert watch.warning is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "back under the warning thresholds" in caplog.records[-1].getMessage()
