@@ -76,17 +76,13 @@ def resolve_target(args: argparse.Namespace, *, need_dsn: bool = True) -> Target
 
 def identify(dsn: str) -> Tuple[str, str]:
     """(system identifier, database) of the server, from a replication connection (no slot is made)."""
-    from pgrepl.postgres.connect import connect
+    from pgrepl.postgres.connect import connect, identify_system
 
     conn = connect(dsn, replication=True, application_name="pgrepl/cli")
     try:
-        with conn.cursor() as cur:
-            cur.execute("IDENTIFY_SYSTEM")
-            row = cur.fetchone()
+        return identify_system(conn)
     finally:
         conn.close()
-    assert row is not None
-    return str(row[0]), str(row[3])
 
 
 def print_json(data: Any) -> None:

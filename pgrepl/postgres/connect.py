@@ -135,6 +135,14 @@ def connect(dsn: str, *, replication: bool = False, application_name: str = "pgr
     return conn
 
 
+def identify_system(rconn: Any) -> Tuple[str, str]:
+    """(system identifier, database) from ``IDENTIFY_SYSTEM`` on a replication connection."""
+    with rconn.cursor() as cur:
+        cur.execute("IDENTIFY_SYSTEM")
+        row = cur.fetchone()
+    return str(row[0]), str(row[3])
+
+
 def close_quietly(conn: Optional[psycopg2.extensions.connection]) -> None:
     """Close a connection that may already be broken (or None): nothing is left to report."""
     if conn is not None:

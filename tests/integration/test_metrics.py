@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -14,6 +12,7 @@ from confluent_kafka import Producer as KafkaProducer
 
 from pgrepl import Consumer, ReplicationOp
 from pgrepl.producer import Producer
+from tests.http_helpers import http_get
 from tests.integration.helpers import Workload, current_wal_lsn, make_source, read_topic, running, slot_state, wait_for
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -22,18 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 
 
-def get(port: int, path: str) -> Tuple[int, str]:
-    """(status, body) of GET http://127.0.0.1:port/path."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def scrape(port: int) -> Samples:
     """Every sample of /metrics by (name, sorted labels)."""
-    status, body = get(port, "/metrics")
+    status, body = http_get(port, "/metrics")
     assert status == 200
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body) for s in family.samples}
@@ -51,7 +41,7 @@ def wait_ready(port: int, ready: bool, timeout: float = 45.0) -> str:
     """Wait until /readyz says ``ready``; returns its body."""
     deadline = time.monotonic() + timeout
     while True:
-        status, body = get(port, "/readyz")
+        status, body = http_get(port, "/readyz")
         if (status == 200) == ready:
             return body
         assert time.monotonic() < deadline, f"/readyz still {status} {body!r} after {timeout:.0f} s"
@@ -72,7 +62,7 @@ def test_producer_metrics_follow_a_workload_and_readyz_a_stopped_broker(
             wait_for(lambda: producer.metrics is not None, what="the metrics endpoint")
             assert producer.metrics is not None
             port = producer.metrics.port
-            assert get(port, "/healthz") == (200, "ok\n")
+            assert http_get(port, "/healthz") == (200, "ok\n")
             wait_ready(port, True)
             workload = Workload(pg_dsn, p, max_ops=3000, pause=0.005)
             workload.start()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from types import SimpleNamespace
 from typing import Any, List, Sequence, Tuple
 
@@ -12,16 +10,9 @@ import pytest
 
 from pgrepl.metrics.latency import POSTGRES_EPOCH, LatencyHistogram
 from pgrepl.producer.delivery import DeliveryTracker
+from tests.http_helpers import http_get
 
 prometheus_client = pytest.importorskip("prometheus_client")
-
-
-def _get(port: int, path: str) -> Tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_endpoint_serves_metrics_health_and_readiness() -> None:
@@ -35,13 +26,13 @@ def test_endpoint_serves_metrics_health_and_readiness() -> None:
     server = MetricsServer(registry, lambda: state["ready"], "127.0.0.1", 0)
     server.start()
     try:
-        assert _get(server.port, "/healthz") == (200, "ok\n")
-        assert _get(server.port, "/readyz") == (503, "not ready: starting\n")
+        assert http_get(server.port, "/healthz") == (200, "ok\n")
+        assert http_get(server.port, "/readyz") == (503, "not ready: starting\n")
         state["ready"] = (True, "active: streaming")
-        assert _get(server.port, "/readyz") == (200, "ready: active: streaming\n")
-        status, body = _get(server.port, "/metrics")
+        assert http_get(server.port, "/readyz") == (200, "ready: active: streaming\n")
+        status, body = http_get(server.port, "/metrics")
         assert status == 200 and "pgrepl_test_things_total 3.0" in body
-        assert _get(server.port, "/nope")[0] == 404
+        assert http_get(server.port, "/nope")[0] == 404
     finally:
         server.close()
 
