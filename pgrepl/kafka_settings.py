@@ -185,3 +185,11 @@ def _librdkafka() -> Any:
 def connection_settings(user: Mapping[str, Any]) -> Dict[str, Any]:
     """The part of ``kafka_config`` that says how to reach and authenticate to the brokers."""
     return {key: value for key, value in user.items() if key.startswith(CONNECTION_PREFIXES)}
+
+
+def kafka_error_text(exc: BaseException) -> str:
+    """The message of a ``KafkaException`` (its ``KafkaError``'s text), or of any other exception."""
+    args = getattr(exc, "args", ())
+    if args and hasattr(args[0], "str"):
+        return str(args[0].str())
+    return str(exc)

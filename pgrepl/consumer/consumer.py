@@ -54,7 +54,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import psycopg2
 from confluent_kafka import Consumer as KafkaConsumer
@@ -70,10 +70,15 @@ from pgrepl.consumer.outcome import StopConsuming
 from pgrepl.consumer.partitions import Partitions
 from pgrepl.consumer.runners import BasicBatchRunner, BasicRunner, BatchTxHandler, IdempotentRunner, Runner, TimeBudget
 from pgrepl.consumer.stats import ConsumerStats
+from pgrepl.kafka_settings import kafka_error_text
 from pgrepl.errors import ConfigError, first_line
+from pgrepl.metrics import check_port
 from pgrepl.model import ReplicationOp
 from pgrepl.postgres.connect import redact_dsn
 from pgrepl.sink.postgres import DEFAULT_STATE_TABLE, PostgresSink, parse_table_name
+
+if TYPE_CHECKING:
+    from pgrepl.metrics.consumer import ConsumerExporter
 
 log = logging.getLogger(__name__)
 kafka_log = logging.getLogger(__name__ + ".librdkafka")  # librdkafka's own log lines
@@ -131,6 +136,10 @@ class Consumer:
     ``dead_letter_factory`` the dead-letter producer (``confluent_kafka.Consumer`` and
     ``confluent_kafka.Producer`` unless the embedding application wraps or replaces them).
     A handler may raise ``StopConsuming`` to stop without its op or batch being stored.
+
+    ``metrics_port`` serves Prometheus metrics, ``/healthz`` and ``/readyz`` on ``metrics_host``
+    while a ``start_*`` call runs (``pip install 'pgrepl[metrics]'``; 0: any free port, see
+    ``metrics.port``).
     """
 
     def __init__(
@@ -157,6 +166,8 @@ class Consumer:
         handle_signals: bool = True,
         kafka_factory: Optional[KafkaFactory] = None,
         dead_letter_factory: Optional[KafkaFactory] = None,
+        metrics_port: Optional[int] = None,
+        metrics_host: str = "0.0.0.0",
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigError("group_id must be a non-empty consumer group name")
@@ -179,6 +190,12 @@ class Consumer:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not (retry_backoff > 0 and max_backoff >= retry_backoff and poll_timeout > 0 and max_batch_time > 0):
             raise ConfigError("retry_backoff, poll_timeout and max_batch_time must be > 0 and max_backoff >= retry_backoff")
+        if metrics_port is not None:
+            check_port(metrics_port, metrics_host)
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        #: The running exporter, while a ``start_*`` call runs with ``metrics_port``.
+        self.metrics: Optional["ConsumerExporter"] = None
         self.group_id = group_id
         self.topics = topics
         self.brokers = brokers
@@ -319,10 +336,24 @@ class Consumer:
             raise RuntimeError("this Consumer is already running")
         restore = install_stop_handlers(self.stop, self.handle_signals)
         try:
+            if self.metrics_port is not None:
+                from pgrepl.metrics.consumer import ConsumerExporter
+
+                self.metrics = ConsumerExporter(self, host=self.metrics_host, port=self.metrics_port)
+                self.metrics.start()
+                log.info("serving metrics, /healthz and /readyz on %s:%d", self.metrics_host, self.metrics.port)
             yield
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
             restore()
             self._running.release()
+
+    @property
+    def user_kafka_config(self) -> Dict[str, Any]:
+        """The ``kafka_config`` as given (connection settings for the exporter's broker probe)."""
+        return dict(self._user_config)
 
     def _prepare_sink(self, sink: PostgresSink) -> None:
         """Create/check the state table; transient connection errors are retried until stop()."""
@@ -342,7 +373,7 @@ class Consumer:
         try:
             kafka = self.kafka_factory(self.kafka_config)
         except KafkaException as exc:
-            raise ConfigError(f"invalid Kafka consumer settings: {exc.args[0].str() if exc.args else exc}") from None
+            raise ConfigError(f"invalid Kafka consumer settings: {kafka_error_text(exc)}") from None
         dead_letter = None
         if self.on_error == "dead_letter":
             assert self.dead_letter_topic is not None
@@ -357,7 +388,8 @@ class Consumer:
                      stats=self.stats, waker=self._waker, kafka_errors=self._kafka_errors,
                      group_id=self.group_id, topics=self.topics, brokers=self.brokers,
                      commit_offsets=self.commit_offsets, stop_at_eof=self.stop_at_eof,
-                     poll_timeout=self.poll_timeout, status_interval=self.status_interval).run()
+                     poll_timeout=self.poll_timeout, status_interval=self.status_interval,
+                     observe=self.metrics_port is not None).run()
 
 
 def _bridge(handler: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:

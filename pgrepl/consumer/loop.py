@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
@@ -23,11 +23,15 @@ from pgrepl.consumer.outcome import Fatal
 from pgrepl.consumer.partitions import Partitions
 from pgrepl.consumer.runners import Runner
 from pgrepl.consumer.stats import ConsumerStats
+from pgrepl.kafka_settings import kafka_error_text
 from pgrepl.errors import ConsumerError, PgreplError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ConsumerLoop", "KafkaErrors"]
+
+#: Seconds between updates of the consumer lag (with the metrics exporter).
+LAG_INTERVAL = 5.0
 
 
 class KafkaErrors:
@@ -57,7 +61,7 @@ class ConsumerLoop:
                  failures: FailurePolicy, stats: ConsumerStats, waker: Waker, kafka_errors: KafkaErrors,
                  group_id: str, topics: Sequence[str], brokers: str, commit_offsets: bool = True,
                  stop_at_eof: bool = False, poll_timeout: float = 0.25,
-                 status_interval: float = 10.0) -> None:
+                 status_interval: float = 10.0, observe: bool = False) -> None:
         self.kafka = kafka
         self.runner = runner
         self.partitions = partitions
@@ -73,6 +77,8 @@ class ConsumerLoop:
         self.stop_at_eof = stop_at_eof
         self.poll_timeout = poll_timeout
         self.status_interval = status_interval
+        self.observe = observe  # keep the metrics exporter's figures: bytes, last poll, lag
+        self._next_lag = 0.0
         self._next_status = 0.0
         self._last_status = (0.0, 0)  # (when, handled + skipped) at the last status line
 
@@ -93,7 +99,7 @@ class ConsumerLoop:
             errors.fatal = errors.fatal or fatal.error
         except KafkaException as exc:
             errors.fatal = errors.fatal or ConsumerError(
-                f"Kafka consumer error: {exc.args[0].str() if exc.args else exc}")
+                f"Kafka consumer error: {kafka_error_text(exc)}")
         finally:
             self.dispatcher.close()
             self._close()
@@ -109,6 +115,8 @@ class ConsumerLoop:
         if msgs:
             groups = self.partitions.group(msgs)
             self.stats.records += len(msgs)
+            if self.observe:
+                self.stats.bytes += sum(map(len, msgs))
             if groups:
                 self.stats.batches += 1
                 self.dispatcher.dispatch(self.runner, groups)
@@ -116,8 +124,29 @@ class ConsumerLoop:
             log.info("every assigned partition is at its end; stopping")
             self.waker.set()
         now = time.monotonic()
+        if self.observe:
+            self.stats.polled_at = now
+            if now >= self._next_lag:
+                self._update_lag()
+                self._next_lag = now + LAG_INTERVAL
         if now >= self._next_status:
             self._status(now)
+
+    def _update_lag(self) -> None:
+        """Records between each assigned partition's position and its end, from librdkafka's cached
+        high watermark (the last fetch's: local, no broker round trip; tansu's ListOffsets answer is
+        one short). A partition appears once the consumer has a position and a fetch in it."""
+        lag: Dict[Tuple[str, int], int] = {}
+        try:
+            positions = self.kafka.position([TopicPartition(t, p) for t, p in self.partitions.assigned])
+            for tp in positions:
+                _, high = self.kafka.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    lag[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+        except (KafkaException, RuntimeError, AttributeError, TypeError) as exc:  # closed, or a stand-in client
+            log.debug("consumer lag not available: %s", exc)
+            return
+        self.stats.lag = lag
 
     def _status(self, now: float) -> None:
         """Log the status line: rate since the last one and the totals."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Dict, Tuple
 
 __all__ = ["ConsumerStats"]
 
@@ -21,4 +22,8 @@ class ConsumerStats:
     dead_lettered: int = 0
     rebalances: int = 0
     records: int = 0          # records taken from Kafka (handled, skipped or failed)
+    # the rest is kept only while the metrics exporter runs (``observe``)
+    bytes: int = 0            # bytes of those records' values
+    polled_at: float = 0.0    # time.monotonic() of the poll loop's last round
+    lag: Dict[Tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> records behind
     started_at: float = field(default_factory=time.monotonic)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import psycopg2
 import psycopg2.extensions
@@ -25,10 +25,52 @@ _PERMANENT_CONNECT_ERRORS = (
 )
 
 
+#: ``password=`` in key=value form: a quoted value, or an unquoted one up to the next ``key=`` (a
+#: password with spaces that was not quoted runs on to there: all of it is secret).
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|.*?)(?=\s+[A-Za-z_]+\s*=|\s*$)",
+                          re.IGNORECASE | re.DOTALL)
+#: ``password=`` in a URL's query string, up to the next ``&``.
+_URL_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+#: ``user:password@`` in a URL: up to the last ``@`` before the path (an unencoded ``@`` in the
+#: password would otherwise leave its tail in the host part).
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/?#]*@")
+
+
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ``***``: safe for logs and error messages."""
-    redacted = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", redacted, flags=re.IGNORECASE)
+    if "://" in dsn:
+        redacted = _URL_PASSWORD.sub(r"\1***@", dsn)
+        return _URL_QUERY_PASSWORD.sub(r"\1***", redacted)
+    return _KV_PASSWORD.sub(r"\1***", dsn)
+
+
+def dsn_secrets(dsn: str) -> List[str]:
+    """The password of a DSN as written (every form), and its words: what no message may show."""
+    found: List[str] = []
+    if "://" in dsn:
+        match = re.search(r"://[^:/@]*:([^/?#]*)@", dsn)
+        if match:
+            found.append(match.group(1))
+        found += [m.group(0).split("=", 1)[1] for m in _URL_QUERY_PASSWORD.finditer(dsn)]
+    else:
+        found += [m.group(2).strip("'") for m in _KV_PASSWORD.finditer(dsn)]
+    words = [word for value in found for word in value.split()]
+    return sorted({s for s in found + words if s}, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``***``: libpq's parse errors quote pieces of the DSN
+    (``missing "=" after "secret"``), which can be the words of an unquoted password."""
+    for secret in secrets:
+        text = text.replace(f'"{secret}"', '"***"')
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def dsn_error(dsn: str, exc: BaseException) -> str:
+    """libpq's first error line about ``dsn``, with no piece of its password."""
+    return scrub(first_line(exc), dsn_secrets(dsn))
 
 
 def is_permanent_connect_error(exc: Exception) -> bool:
@@ -61,7 +103,7 @@ def dsn_params(dsn: str) -> Dict[str, str]:
     try:
         return dict(psycopg2.extensions.parse_dsn(dsn))
     except psycopg2.ProgrammingError as exc:
-        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {first_line(exc)}") from None
+        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {dsn_error(dsn, exc)}") from None
 
 
 def connect(dsn: str, *, replication: bool = False, application_name: str = "pgrepl") -> psycopg2.extensions.connection:
@@ -82,15 +124,32 @@ def connect(dsn: str, *, replication: bool = False, application_name: str = "pgr
         conn: psycopg2.extensions.connection = psycopg2.connect(
             dsn, connection_factory=factory, application_name=application_name, client_encoding="UTF8", **extra)
     except psycopg2.ProgrammingError as exc:  # malformed DSN
-        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {first_line(exc)}") from None
+        raise ConfigError(f"invalid PostgreSQL DSN {redact_dsn(dsn)!r}: {dsn_error(dsn, exc)}") from None
     except psycopg2.OperationalError as exc:
-        reason = first_line(exc)
+        reason = dsn_error(dsn, exc)
         if is_permanent_connect_error(exc):
             raise ConfigError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
         raise psycopg2.OperationalError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
     if not replication:
         conn.autocommit = True
     return conn
+
+
+def identify_system(rconn: Any) -> Tuple[str, str]:
+    """(system identifier, database) from ``IDENTIFY_SYSTEM`` on a replication connection."""
+    with rconn.cursor() as cur:
+        cur.execute("IDENTIFY_SYSTEM")
+        row = cur.fetchone()
+    return str(row[0]), str(row[3])
+
+
+def close_quietly(conn: Optional[psycopg2.extensions.connection]) -> None:
+    """Close a connection that may already be broken (or None): nothing is left to report."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
 
 
 def quote_ident(name: str) -> str:

@@ -24,7 +24,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from pgrepl._runtime import Waker
-from pgrepl.postgres.connect import connect, query_one
+from pgrepl.postgres.connect import close_quietly, connect, query_one
 from pgrepl.postgres.slot import SlotInfo, get_slot
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,7 @@ class SlotLease:
     def release(self) -> None:
         """Give the lease up (closing its connection releases the lock)."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except psycopg2.Error:
-                pass
+        close_quietly(conn)
 
     def wait_until_free(self, conn: psycopg2.extensions.connection, waker: Waker, grace: float = 4.0) -> Optional[SlotInfo]:
         """Wait for the slot to have no walsender, freeing it from holders that lost the lease.

@@ -6,7 +6,7 @@ Each failed check raises ``ConfigError`` with one line saying what to change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import psycopg2.extensions
 
@@ -57,7 +57,7 @@ def check_server(conn: psycopg2.extensions.connection) -> None:
             f"database encoding is {encoding}; pgrepl publishes JSON and needs a UTF8 database")
 
 
-def _published_column(server_version_num: int) -> str:
+def published_column_condition(server_version_num: int) -> str:
     """SQL over ``pt`` (pg_publication_tables) and ``a`` (pg_attribute): whether pgoutput sends column ``a``.
 
     Column lists arrived in PostgreSQL 15 (``pt.attnames``). pgoutput sends generated columns
@@ -88,7 +88,7 @@ def load_publication(conn: psycopg2.extensions.connection, name: str) -> Publica
         cur.execute(
             """
             SELECT n.nspname, c.relname, c.relreplident, c.relkind, a.attname, a.attnotnull,
-                   """ + _published_column(version_num) + """ AS published
+                   """ + published_column_condition(version_num) + """ AS published
             FROM pg_publication_tables pt
             JOIN pg_namespace n ON n.nspname = pt.schemaname
             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
@@ -136,11 +136,19 @@ def check_publication(publication: Publication, topic_map: Dict[str, TopicInfo])
     Every published table needs a topic-map entry and every entry a published table;
     partition-key columns must exist and be NOT NULL; tables need REPLICA IDENTITY FULL
     when updates or deletes are published (the old row is part of every Update/Delete).
+    ``ConfigError`` names the first problem (``publication_problems`` lists them all).
     """
+    for _, problem in publication_problems(publication, topic_map):
+        raise ConfigError(problem)
+
+
+def publication_problems(publication: Publication, topic_map: Dict[str, TopicInfo]) -> Iterator[Tuple[str, str]]:
+    """Every mismatch of the publication and the topic map, as (``"topic map"``, ``"partition key"``
+    or ``"replica identity"``, one line saying what to change)."""
     if not publication.tables:
-        raise ConfigError(
-            f"publication {publication.name!r} publishes no tables; add them: ALTER PUBLICATION "
-            f"{quote_ident(publication.name)} ADD TABLE ...")
+        yield ("topic map", f"publication {publication.name!r} publishes no tables; add them: ALTER PUBLICATION "
+               f"{quote_ident(publication.name)} ADD TABLE ...")
+        return
     matched: Dict[str, str] = {}
     by_bare: Dict[str, List[PublishedTable]] = {}
     for table in publication.tables:
@@ -148,43 +156,52 @@ def check_publication(publication: Publication, topic_map: Dict[str, TopicInfo])
     for table in publication.tables:
         key = table.qualified_name if table.qualified_name in topic_map else table.name
         if key not in topic_map:
-            raise ConfigError(
-                f"table {table.qualified_name} is in publication {publication.name!r} but not in the "
-                f"topic map; add an entry for {table.name!r} or remove it from the publication")
+            yield ("topic map",
+                   f"table {table.qualified_name} is in publication {publication.name!r} but not in the "
+                   f"topic map; add an entry for {table.name!r} or remove it from the publication")
+            continue
         if key == table.name and len(by_bare[table.name]) > 1 and table.qualified_name not in topic_map:
             others = ", ".join(t.qualified_name for t in by_bare[table.name])
-            raise ConfigError(
-                f"topic-map entry {table.name!r} matches several published tables ({others}); "
-                "use schema-qualified keys such as 'schema.table'")
+            yield ("topic map", f"topic-map entry {table.name!r} matches several published tables ({others}); "
+                   "use schema-qualified keys such as 'schema.table'")
+            continue
         matched[key] = table.qualified_name
-        info = topic_map[key]
-        for column in info.partition_key:
-            if column in table.unpublished:
-                raise ConfigError(
-                    f"partition-key column {column!r} of table {table.qualified_name} is not published (left out "
-                    "of the publication's column list, or a generated column, which pgoutput sends only from "
-                    "PostgreSQL 18 with publish_generated_columns = stored); publish it or choose another partition key")
-            if column not in table.columns:
-                raise ConfigError(
-                    f"partition-key column {column!r} does not exist in table {table.qualified_name}; "
-                    f"its columns are {sorted(table.columns)}")
-            if not table.columns[column]:
-                raise ConfigError(
-                    f"partition-key column {column!r} of table {table.qualified_name} is nullable; "
-                    f"make it NOT NULL (ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} "
-                    f"ALTER COLUMN {quote_ident(column)} SET NOT NULL) or choose another partition key")
+        yield from _key_problems(table, topic_map[key])
         if "update" in publication.publishes or "delete" in publication.publishes:
-            if table.replica_identity != "f":
-                raise ConfigError(
-                    f"table {table.qualified_name} needs the full old row for updates and deletes; run: "
-                    f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} REPLICA IDENTITY FULL")
-            if table.partitions_not_full:
-                raise ConfigError(
-                    f"partitions {list(table.partitions_not_full)} of table {table.qualified_name} need the full "
-                    "old row for updates and deletes (replica identity is set per partition); run ALTER TABLE "
-                    "<partition> REPLICA IDENTITY FULL on each")
-    unmatched = sorted(set(topic_map) - set(matched))
+            yield from _identity_problems(table)
+    unmatched = sorted(set(topic_map) - set(matched) - {t.name for t in publication.tables})
     if unmatched:
-        raise ConfigError(
-            f"topic-map tables {unmatched} are not in publication {publication.name!r}; add them: "
-            f"ALTER PUBLICATION {quote_ident(publication.name)} ADD TABLE ... (or remove them from the topic map)")
+        yield ("topic map",
+               f"topic-map tables {unmatched} are not in publication {publication.name!r}; add them: "
+               f"ALTER PUBLICATION {quote_ident(publication.name)} ADD TABLE ... (or remove them from the topic map)")
+
+
+def _key_problems(table: PublishedTable, info: TopicInfo) -> Iterator[Tuple[str, str]]:
+    """Partition-key columns must exist, be published and be NOT NULL."""
+    for column in info.partition_key:
+        if column in table.unpublished:
+            yield ("partition key",
+                   f"partition-key column {column!r} of table {table.qualified_name} is not published (left out "
+                   "of the publication's column list, or a generated column, which pgoutput sends only from "
+                   "PostgreSQL 18 with publish_generated_columns = stored); publish it or choose another partition key")
+        elif column not in table.columns:
+            yield ("partition key", f"partition-key column {column!r} does not exist in table "
+                   f"{table.qualified_name}; its columns are {sorted(table.columns)}")
+        elif not table.columns[column]:
+            yield ("partition key",
+                   f"partition-key column {column!r} of table {table.qualified_name} is nullable; "
+                   f"make it NOT NULL (ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} "
+                   f"ALTER COLUMN {quote_ident(column)} SET NOT NULL) or choose another partition key")
+
+
+def _identity_problems(table: PublishedTable) -> Iterator[Tuple[str, str]]:
+    """Updates and deletes carry the whole old row: REPLICA IDENTITY FULL, on every partition too."""
+    if table.replica_identity != "f":
+        yield ("replica identity",
+               f"table {table.qualified_name} needs the full old row for updates and deletes; run: "
+               f"ALTER TABLE {quote_ident(table.schema)}.{quote_ident(table.name)} REPLICA IDENTITY FULL")
+    if table.partitions_not_full:
+        yield ("replica identity",
+               f"partitions {list(table.partitions_not_full)} of table {table.qualified_name} need the full "
+               "old row for updates and deletes (replica identity is set per partition); run ALTER TABLE "
+               "<partition> REPLICA IDENTITY FULL on each")

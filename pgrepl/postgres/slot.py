@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import psycopg2
 import psycopg2.errors
@@ -65,14 +65,23 @@ class SlotInfo:
 
 def get_slot(conn: psycopg2.extensions.connection, slot: str) -> Optional[SlotInfo]:
     """The slot as pg_replication_slots shows it, or None."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT * FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-        row = cur.fetchone()
-        columns = [d[0] for d in cur.description or ()]
-    if row is None:
-        return None
-    values: Dict[str, Any] = dict(zip(columns, row))
+    found = list_slots(conn, slot)
+    return found[0] if found else None
 
+
+def list_slots(conn: psycopg2.extensions.connection, slot: Optional[str] = None) -> List[SlotInfo]:
+    """Every replication slot (or the one named ``slot``), as pg_replication_slots shows them, by name."""
+    with conn.cursor() as cur:
+        if slot is None:
+            cur.execute("SELECT * FROM pg_replication_slots ORDER BY slot_name")
+        else:
+            cur.execute("SELECT * FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        rows = cur.fetchall()
+        columns = [d[0] for d in cur.description or ()]
+    return [_slot_info(dict(zip(columns, row))) for row in rows]
+
+
+def _slot_info(values: Dict[str, Any]) -> SlotInfo:
     def lsn(name: str) -> Optional[int]:
         text = values.get(name)
         return parse_lsn(str(text)) if text else None
@@ -84,6 +93,23 @@ def get_slot(conn: psycopg2.extensions.connection, slot: str) -> Optional[SlotIn
         wal_status=values.get("wal_status"), safe_wal_size=values.get("safe_wal_size"),
         conflicting=values.get("conflicting"), invalidation_reason=values.get("invalidation_reason"),
         failover=values.get("failover"), synced=values.get("synced"))
+
+
+def wal_position(conn: psycopg2.extensions.connection) -> Tuple[int, bool]:
+    """The server's WAL position and whether it is a standby: ``pg_current_wal_lsn()`` on a primary,
+    ``pg_last_wal_replay_lsn()`` on a standby (where slots are measured against what was replayed)."""
+    standby, position = query_one(
+        conn, "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+              "ELSE pg_current_wal_lsn() END)::text")
+    return (parse_lsn(str(position)) if position else 0), bool(standby)
+
+
+def slot_usage(info: SlotInfo, position: int) -> Tuple[Optional[int], Optional[int]]:
+    """(retained WAL, lag) in bytes at WAL ``position``: what the slot keeps on disk (from its
+    ``restart_lsn``) and how far its consumer is behind (from ``confirmed_flush_lsn``)."""
+    retained = max(position - info.restart_lsn, 0) if info.restart_lsn is not None else None
+    lag = max(position - info.confirmed_flush_lsn, 0) if info.confirmed_flush_lsn is not None else None
+    return retained, lag
 
 
 def server_version(conn: psycopg2.extensions.connection) -> int:
@@ -147,8 +173,9 @@ def slot_lost_message(slot: str, what: str, last_confirmed: Optional[int]) -> st
     """One line: which slot, what happened, where pgrepl was, and the ways out."""
     where = f"pgrepl last confirmed {format_lsn(last_confirmed)} on it" if last_confirmed else "pgrepl streamed from it"
     return (f"replication slot {slot} is {what}; {where}, and the changes after that are not in Kafka. "
-            "Way out: take a new snapshot (on_slot_loss='resnapshot') or, accepting the gap, "
-            f"forget the slot's history (pgrepl slot forget {slot}) and start again")
+            "Ways out: start with on_slot_loss='resnapshot' (a new slot and a snapshot of every published "
+            f"table), or, accepting the gap, forget the slot's history (pgrepl slot forget {slot} --config FILE, "
+            "with the producer's config file) and start again")
 
 
 def drop_slot(conn: psycopg2.extensions.connection, slot: str, *, timeout: float = 15.0) -> bool:

@@ -92,7 +92,11 @@ class SlotHistory:
 
     def load(self, key: bytes, timeout: float = 30.0) -> Optional[SlotRecord]:
         """The latest record for ``key`` (None if there is none, or it was forgotten: a tombstone)."""
-        latest: Optional[bytes] = None
+        return self.load_all(timeout).get(key)
+
+    def load_all(self, timeout: float = 30.0) -> Dict[bytes, SlotRecord]:
+        """The latest record of every slot on the topic (forgotten ones left out), by key."""
+        latest: Dict[bytes, Optional[bytes]] = {}
         consumer = KafkaConsumer(self._consumer_settings)
         try:
             try:
@@ -102,7 +106,7 @@ class SlotHistory:
                             f"{self.topic!r}): {exc}") from None
             topic = metadata.topics.get(self.topic)
             if topic is None or topic.error is not None or not topic.partitions:
-                return None  # never written: no slot was used through this Kafka cluster yet
+                return {}  # never written: no slot was used through this Kafka cluster yet
             partitions = sorted(topic.partitions)
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
             at_end: Set[int] = set()
@@ -120,11 +124,12 @@ class SlotHistory:
                         continue
                     raise Retry(f"reading the slot history topic {self.topic!r}: {error.str()}")
                 at_end.discard(int(msg.partition() or 0))
-                if msg.key() == key:
-                    latest = msg.value()
+                key = msg.key()
+                if key is not None:
+                    latest[key] = msg.value()
         finally:
             consumer.close()
-        return SlotRecord.from_json(latest) if latest else None
+        return {key: SlotRecord.from_json(value) for key, value in latest.items() if value}
 
     def save(self, record: SlotRecord, wait: float = 0.0) -> None:
         """Produce ``record`` (updated now); with ``wait`` > 0, block until Kafka acknowledged it."""

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from confluent_kafka import KafkaError, KafkaException
 
 from pgrepl import kafka_settings
+from pgrepl.kafka_settings import kafka_error_text
 from pgrepl._core import Batch
 from pgrepl.errors import ConfigError, DeliveryError
 from pgrepl.producer.delivery import DeliveryTracker
@@ -93,7 +94,10 @@ class KafkaOutput:
 
     def __init__(self, settings: Dict[str, Any], factory: KafkaFactory, should_stop: Callable[[], bool]) -> None:
         self.brokers = str(settings.get("bootstrap.servers", ""))
-        self.client = factory(settings)
+        try:
+            self.client = factory(settings)
+        except KafkaException as exc:  # an unknown property, a bad value, a missing TLS file...
+            raise ConfigError(f"invalid Kafka producer settings: {kafka_error_text(exc)}") from None
         self._should_stop = should_stop
 
     def partition_counts(self, topic_map: Mapping[str, TopicInfo]) -> Dict[str, int]:
@@ -125,7 +129,7 @@ class KafkaOutput:
         topics, values, keys, partitions = batch.topics, batch.values, batch.keys, batch.partitions
         commit_end = batch.commits[-1].end_lsn if batch.commits else None
         markers = batch.markers
-        pending = tracker.track(len(markers), commit_end)
+        pending = tracker.track(len(markers), commit_end, batch)
         if pending is None:  # nothing to produce
             return
         callback = pending.on_delivery

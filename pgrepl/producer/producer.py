@@ -15,21 +15,26 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from confluent_kafka import KafkaError
 from confluent_kafka import Producer as KafkaProducer
 
 from pgrepl._runtime import Waker, install_stop_handlers, run_in_thread
 from pgrepl.errors import ConfigError, DeliveryError, PgreplError
+from pgrepl.metrics import check_port
 from pgrepl.postgres.connect import connect, dsn_params, query_one
 from pgrepl.postgres.lease import SlotLease
 from pgrepl.postgres.slot import validate_slot_name
+from pgrepl.producer.delivery import DeliveryObserver
 from pgrepl.producer.history import DEFAULT_HISTORY_TOPIC, SlotHistory, SlotRecord
 from pgrepl.producer.output import KafkaFactory, KafkaOutput, Retry, producer_settings
 from pgrepl.producer.session import Session
 from pgrepl.producer.snapshot import REQUEST_PREFIX, SnapshotCoordinator, SnapshotJob, new_job_id
 from pgrepl.topics import TopicInfo, TopicMapInput, normalize_topic_map
+
+if TYPE_CHECKING:
+    from pgrepl.metrics.producer import ProducerExporter
 
 log = logging.getLogger("pgrepl.producer")
 
@@ -50,6 +55,7 @@ class ProducerStats:
     bytes_received: int = 0
     confirmed_lsn: int = 0
     sessions: int = 0
+    reconnects: int = 0  # sessions that failed and were retried
     role: str = "starting"  # starting / standby / active / stopped
     started_at: float = field(default_factory=time.monotonic)
 
@@ -75,6 +81,12 @@ class Producer:
     (``snapshot="initial"``; ``"never"``: changes only; ``"initial_only"``: stop once the
     snapshot is done). ``request_snapshot`` takes one on demand, while streaming goes on; chunks
     of ``snapshot_chunk_size`` rows are read on ``snapshot_connections`` connections.
+
+    Observability (``pip install 'pgrepl[metrics]'``): ``metrics_port`` serves Prometheus
+    metrics, ``/healthz`` and ``/readyz`` on ``metrics_host`` while the producer runs (0: any
+    free port, see ``metrics.port``); a warning is logged (and ``pgrepl_slot_wal_warning`` set)
+    while the slot retains more than ``wal_warning_bytes`` of WAL or its ``safe_wal_size`` is
+    under ``safe_wal_warning_bytes``.
     """
 
     def __init__(
@@ -104,6 +116,10 @@ class Producer:
         snapshot: str = "initial",
         snapshot_connections: int = 2,
         snapshot_chunk_size: int = 10_000,
+        metrics_port: Optional[int] = None,
+        metrics_host: str = "0.0.0.0",
+        wal_warning_bytes: int = 1 << 30,
+        safe_wal_warning_bytes: int = 512 << 20,
     ) -> None:
         if not isinstance(pg_dsn, str) or not pg_dsn:
             raise ConfigError("pg_dsn must be a PostgreSQL connection string")
@@ -123,6 +139,11 @@ class Producer:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(history_topic, str) or not history_topic:
             raise ConfigError("history_topic must be a Kafka topic name")
+        if metrics_port is not None:
+            check_port(metrics_port, metrics_host)
+        for name, value in (("wal_warning_bytes", wal_warning_bytes), ("safe_wal_warning_bytes", safe_wal_warning_bytes)):
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"{name} must be a number of bytes, got {value!r}")
         dsn_params(pg_dsn)  # a DSN that does not parse is a configuration error now, not at first connect
         self.pg_dsn = pg_dsn
         self.brokers = brokers
@@ -148,6 +169,13 @@ class Producer:
         self.failover = failover
         self.snapshot = snapshot
         self._user_kafka_config = dict(kafka_config or {})
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.wal_warning_bytes = wal_warning_bytes
+        self.safe_wal_warning_bytes = safe_wal_warning_bytes
+        #: The running exporter (while ``start()`` runs with ``metrics_port``), and its delivery hook.
+        self.metrics: Optional["ProducerExporter"] = None
+        self.delivery_observer: Optional[DeliveryObserver] = None
         self.instance = uuid.uuid4().hex[:16]
         self.lease = SlotLease(pg_dsn, slot, self.instance)
         self.waker = Waker()
@@ -178,10 +206,34 @@ class Producer:
             raise RuntimeError("this Producer is already running")
         restore = install_stop_handlers(self.stop, self.handle_signals)
         try:
+            self._start_metrics()
             self._run()
         finally:
+            self._stop_metrics()
             restore()
             self._running.release()
+
+    @property
+    def user_kafka_config(self) -> Dict[str, Any]:
+        """The ``kafka_config`` as given (connection settings for the exporter's and the history's clients)."""
+        return dict(self._user_kafka_config)
+
+    def _start_metrics(self) -> None:
+        if self.metrics_port is None:
+            return
+        from pgrepl.metrics.producer import ProducerExporter
+
+        self.metrics = ProducerExporter(self, host=self.metrics_host, port=self.metrics_port,
+                                        wal_warning_bytes=self.wal_warning_bytes,
+                                        safe_wal_warning_bytes=self.safe_wal_warning_bytes)
+        self.delivery_observer = self.metrics
+        self.metrics.start()
+        log.info("serving metrics, /healthz and /readyz on %s:%d", self.metrics_host, self.metrics.port)
+
+    def _stop_metrics(self) -> None:
+        exporter, self.metrics, self.delivery_observer = self.metrics, None, None
+        if exporter is not None:
+            exporter.stop()
 
     async def run(self) -> None:
         """asyncio entry point: runs the producer in a thread; cancelling the task stops it cleanly."""
@@ -237,6 +289,7 @@ class Producer:
                 except Retry as exc:
                     if self.waker.is_set:
                         break
+                    self.stats.reconnects += 1
                     if time.monotonic() - started > HEALTHY_SESSION:
                         backoff = 0.5  # it was working: a new failure starts the backoff over
                     log.warning("%s; retrying in %.1f s", exc, backoff)

@@ -21,7 +21,7 @@ from pgrepl._core import Batch, Decoder, ReplicationStream
 from pgrepl.errors import ConfigError, DeliveryError, PgreplError, SlotLostError, StreamError
 from pgrepl.lsn import format_lsn
 from pgrepl.postgres import preflight
-from pgrepl.postgres.connect import connect, publication_option, query_one
+from pgrepl.postgres.connect import connect, identify_system, publication_option, query_one
 from pgrepl.postgres.lease import LeaseLost
 from pgrepl.postgres.slot import SlotInfo, check_slot, create_slot, drop_slot, get_slot, slot_lost_message
 from pgrepl.producer.delivery import DeliveryTracker
@@ -82,7 +82,8 @@ class Session:
             self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, start_lsn)
             log.info("streaming slot %s of publication %s from %s into Kafka at %s", producer.slot,
                      producer.publication, format_lsn(start_lsn), self.output.brokers)
-            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn), self._receive_deadline(conn))
+            self._stream(conn, stream, decoder, DeliveryTracker(start_lsn, producer.delivery_observer),
+                         self._receive_deadline(conn))
         except StreamError as exc:
             raise Retry(f"replication connection lost: {exc}") from None
         except LeaseLost as exc:
@@ -121,10 +122,7 @@ class Session:
 
     def _identify(self, rconn: Any) -> Tuple[str, str]:
         """The server's system identifier and the database (IDENTIFY_SYSTEM on the replication connection)."""
-        with rconn.cursor() as cur:
-            cur.execute("IDENTIFY_SYSTEM")
-            row = cur.fetchone()
-        return str(row[0]), str(row[3])
+        return identify_system(rconn)
 
     def _slot(self, conn: psycopg2.extensions.connection, system_identifier: str, database: str) -> SlotInfo:
         """The slot to stream from: created on first use (with its initial snapshot), never silently

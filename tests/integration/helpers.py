@@ -155,8 +155,21 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
 
 
 def wait_streaming(dsn: str, slot: str, timeout: float = 30.0) -> None:
-    """Wait until a walsender streams from ``slot`` (changes made after this are in the stream)."""
-    wait_for(lambda: slot_state(dsn, slot)[1] is not None, timeout=timeout, what=f"a walsender on slot {slot}")
+    """Wait until a walsender streams from ``slot`` (changes made after this are in the stream).
+
+    A slot is also "active" while the backend that creates it builds its snapshot: only a
+    walsender counts (changes made before the slot's consistent point are not in its stream)."""
+    def streaming() -> bool:
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid "
+                            "WHERE s.slot_name = %s AND a.backend_type = 'walsender'", (slot,))
+                return cur.fetchone() is not None
+        finally:
+            conn.close()
+
+    wait_for(streaming, timeout=timeout, what=f"a walsender on slot {slot}")
 
 
 def make_source(dsn: str, p: str) -> None:

@@ -239,17 +239,34 @@ def test_readme_walkthrough(readme_env: Dict[str, str]) -> None:
         cli.wait_until(lambda: len(topic_ops(brokers)) >= 5, "5 records on inventory_topic")
         run_sql("snapshot-request", dsn)  # the table's two rows again, as snapshot Inserts
         cli.wait_until(lambda: len(topic_ops(brokers)) >= 7, "the snapshot's 2 records")
+        request = run_sh("snapshot-cli", readme_env)  # and once more, asked for from the command line
+        request.finish(terminate=False, timeout=90)
+        assert request.lines[-1].startswith("snapshot request-"), request.log()
+        cli.wait_until(lambda: len(topic_ops(brokers)) >= 9, "the second snapshot's 2 records")
     finally:
         cli.finish()
+
+    check = run_sh("check-cli", readme_env)
+    check.finish(terminate=False, timeout=90)  # exit 0: every check passed
+    assert check.lines[-1] == "all checks passed", check.log()
+    assert any(line.startswith("OK    slot history            slot_1 last confirmed") for line in check.lines), check.log()
+    status = run_sh("status-cli", readme_env)
+    status.finish(terminate=False, timeout=90)
+    assert status.lines[0].split()[0] == "slot" and any(line.startswith("slot_1 ") for line in status.lines), status.log()
 
     consume = run_sh("consume-cli", readme_env)
     consume.finish(terminate=False, timeout=90)  # --until-eof: ends by itself
     printed = [ReplicationOp.from_json(line.encode()) for line in consume.lines if line.strip()]
     assert sorted(op.position for op in printed) == sorted(op.position for op in topic_ops(brokers))
 
+    Path(readme_env["cwd"], "consumer.toml").write_text(substitute(block("toml consumer.toml").code, readme_env))
+    from_file = run_sh("consume-config", readme_env)
+    from_file.finish(terminate=False, timeout=90)
+    assert sorted(line for line in from_file.lines if line.strip()) == sorted(line for line in consume.lines if line.strip())
+
     basic = run_python("consumer-basic", readme_env)
     try:
-        basic.wait_until(lambda: len(basic.lines) >= 7, "7 printed ops")
+        basic.wait_until(lambda: len(basic.lines) >= 9, "9 printed ops")
     finally:
         basic.finish()
     assert sorted(basic.lines)[0].startswith("inventory_table Delete {'id': '2', 'organization_id': 'org-b'")
@@ -263,6 +280,11 @@ def test_readme_walkthrough(readme_env: Dict[str, str]) -> None:
     finally:
         sink.finish()
     assert _rows(dsn, "SELECT id FROM inventory ORDER BY id") == [(1,), (3,)]
+
+    slot = run_sh("slot-cli", readme_env)
+    slot.finish(terminate=False, timeout=90)
+    assert _rows(dsn, "SELECT slot_name FROM pg_replication_slots WHERE slot_name = 'slot_1'") == []
+    assert any(line.startswith("forgot slot slot_1") for line in slot.lines), slot.log()
 
 
 def _slot_active(dsn: str) -> bool:

@@ -8,7 +8,7 @@ degrades to ``Any``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from typing_extensions import assert_type
 
@@ -35,8 +35,12 @@ from pgrepl import (
 def produce() -> None:
     topic_map = {"inventory": TopicInfo(name="inventory_topic", partition_key=("organization_id",))}
     producer = Producer("postgresql://u@localhost/db", "localhost:9092", "slot_1", "publication_1", topic_map,
-                        kafka_config={"linger.ms": 5})
+                        kafka_config={"linger.ms": 5}, metrics_port=0, metrics_host="127.0.0.1",
+                        wal_warning_bytes=1 << 30, safe_wal_warning_bytes=512 << 20)
     assert_type(producer.stats, ProducerStats)
+    assert_type(producer.stats.reconnects, int)
+    if producer.metrics is not None:
+        assert_type(producer.metrics.port, int)
     assert_type(producer.stats.confirmed_lsn, int)
     try:
         producer.start()
@@ -64,8 +68,9 @@ def apply(cursor: Any, ops: List[ReplicationOp]) -> None:
 
 def consume() -> None:
     consumer = Consumer("group", ["inventory_topic"], "localhost:9092", on_error="dead_letter",
-                        dead_letter_topic="dlq")
+                        dead_letter_topic="dlq", metrics_port=9188)
     assert_type(consumer.stats, ConsumerStats)
+    assert_type(consumer.stats.lag, Dict[Tuple[str, int], int])
     try:
         consumer.start_basic(handle)
     except HandlerError as exc:

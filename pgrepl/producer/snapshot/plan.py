@@ -16,6 +16,7 @@ import psycopg2.extensions
 
 from pgrepl.errors import ConfigError
 from pgrepl.postgres.connect import query_one, quote_ident
+from pgrepl.postgres.preflight import published_column_condition
 
 log = logging.getLogger("pgrepl.snapshot")
 
@@ -151,23 +152,21 @@ def plan_table(conn: psycopg2.extensions.connection, publication: str, schema: s
 
 def _published_columns(conn: psycopg2.extensions.connection, publication: str, relid: int, schema: str,
                        name: str) -> Tuple[Tuple[str, ...], Optional[str]]:
-    """The columns pgoutput sends for the table (column list, no generated columns), and its row filter."""
+    """The columns pgoutput sends for the table, in its order, and the publication's row filter (15+)."""
     version = conn.server_version
-    listed: Optional[List[str]] = None
+    with conn.cursor() as cur:
+        cur.execute(f"""
+            SELECT a.attname FROM pg_publication_tables pt
+            JOIN pg_attribute a ON a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+            WHERE pt.pubname = %s AND pt.schemaname = %s AND pt.tablename = %s
+              AND {published_column_condition(version) or 'true'}
+            ORDER BY a.attnum""", (relid, publication, schema, name))
+        columns = tuple(str(r[0]) for r in cur.fetchall())
     row_filter: Optional[str] = None
     if version >= 150000:
-        attnames, row_filter = query_one(
-            conn, "SELECT attnames, rowfilter FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s "
-                  "AND tablename = %s", (publication, schema, name))
-        listed = list(attnames) if attnames is not None else None
-    generated = "a.attgenerated = ''" if version < 180000 else "(a.attgenerated = '' OR a.attgenerated = 's')"
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 AND NOT "
-                    f"a.attisdropped AND {generated} ORDER BY a.attnum", (relid,))
-        columns = [str(r[0]) for r in cur.fetchall()]
-    if listed is not None:
-        columns = [c for c in columns if c in listed]
-    return tuple(columns), row_filter
+        (row_filter,) = query_one(conn, "SELECT rowfilter FROM pg_publication_tables WHERE pubname = %s AND "
+                                        "schemaname = %s AND tablename = %s", (publication, schema, name))
+    return columns, row_filter
 
 
 def _chunk_key(conn: psycopg2.extensions.connection, relid: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
