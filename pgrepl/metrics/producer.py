@@ -120,7 +120,25 @@ class ProducerExporter(Exporter):
                       tracker.in_flight if tracker is not None else 0)
         yield f.gauge("pgrepl_producer_oldest_unacknowledged_seconds",
                       "age of the oldest batch waiting for Kafka", tracker.oldest_unacknowledged() if tracker else 0)
+        yield from self._snapshot_families()
         yield from self._slot_families()
+
+    def _snapshot_families(self) -> Iterator[Any]:
+        f = self.families_of
+        progress = self.producer.snapshots.progress()
+        yield f.gauge("pgrepl_snapshot_running", "snapshots running (or being planned)", progress.running)
+        yield f.gauge("pgrepl_snapshot_tables", "tables of the running snapshots", progress.tables)
+        yield f.gauge("pgrepl_snapshot_tables_done", "tables of the running snapshots read and confirmed",
+                      progress.tables_done)
+        yield f.gauge("pgrepl_snapshot_rows_estimated", "rows the running snapshots are expected to read",
+                      progress.rows_estimated)
+        yield f.gauge("pgrepl_snapshot_rows_confirmed", "rows of the running snapshots confirmed so far",
+                      progress.rows_confirmed)
+        yield f.counter("pgrepl_snapshot_rows_total", "snapshot rows produced by this producer",
+                        self.producer.snapshots.rows)
+        yield f.counter("pgrepl_snapshot_stale_rows_total",
+                        "snapshot rows dropped because the stream changed them during their chunk's read",
+                        self.producer.snapshots.stale_rows)
 
     def _slot_families(self) -> Iterator[Any]:
         f, watch = self.families_of, self.slot_watch

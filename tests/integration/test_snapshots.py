@@ -212,13 +212,18 @@ def test_sql_request_and_a_table_added_to_the_publication_later(
             f"INSERT INTO {p}late SELECT g, 'v' || g FROM generate_series(1, 5000) g",
             f"ALTER PUBLICATION {p}pub ADD TABLE {p}late")
     second = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub",
-                      {f"{p}src": {"name": f"{p}src"}, f"{p}late": {"name": f"{p}late", "partition_key": ["id"]}})
+                      {f"{p}src": {"name": f"{p}src"}, f"{p}late": {"name": f"{p}late", "partition_key": ["id"]}},
+                      metrics_port=0, metrics_host="127.0.0.1")
     with running(second):
         wait_streaming(pg_dsn, f"{p}slot")
         execute(pg_dsn, f"SELECT pg_logical_emit_message(true, 'pgrepl.snapshot', '{{\"tables\": [\"{p}late\"], "
                         "\"where\": \"id > 1000\"}')")
         wait_for(lambda: second.snapshots.rows >= 4000, timeout=120, what="the backfill")
+        assert second.metrics is not None
+        from tests.integration.test_metrics import scrape, value
+        wait_for(lambda: value(scrape(second.metrics.port), "pgrepl_snapshot_rows_total") == 4000, what="the metric")
         wait_for(lambda: not second.snapshots.active, timeout=120, what="the snapshot to finish")
+        assert value(scrape(second.metrics.port), "pgrepl_snapshot_running") == 0
     drop_replication_slot(f"{p}slot")
     records = [orjson.loads(v) for _, _, _, v in read_topic(kafka_bootstrap, f"{p}late")]
     assert sorted(int(r["op"]["Insert"][0]) for r in records) == list(range(1001, 5001))

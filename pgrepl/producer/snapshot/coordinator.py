@@ -62,6 +62,18 @@ class SnapshotJob:
 
 
 @dataclass
+class Progress:
+    """The running snapshots in numbers."""
+
+    running: int
+    tables: int
+    tables_done: int
+    rows_estimated: int
+    rows_confirmed: int
+    started: float
+
+
+@dataclass
 class _Confirmation:
     """A chunk emitted at ``lsn``: when the slot is confirmed past it, its range moves on."""
 
@@ -383,16 +395,21 @@ class SnapshotCoordinator:
             if self.on_job_done is not None:
                 self.on_job_done(job)
 
+    def progress(self) -> "Progress":
+        """Where the running snapshots are (for the status line and the metrics)."""
+        with self._lock:
+            tables = [t for job in self.jobs for t in job.tables]
+            started = min((job.started for job in self.jobs), default=time.time())
+            return Progress(len(self.jobs) + len(self._requests), len(tables), sum(1 for t in tables if t.done),
+                            sum(max(t.estimated_rows, t.rows) for t in tables), sum(t.rows for t in tables), started)
+
     def status(self) -> str:
         """One line for the status log: tables done, rows, rows/s, and how long the rest may take."""
-        tables = [t for job in self.jobs for t in job.tables]
-        done = sum(1 for t in tables if t.done)
-        rows = sum(t.rows for t in tables)
-        estimate = sum(max(t.estimated_rows, t.rows) for t in tables)
-        started = min((job.started for job in self.jobs), default=time.time())
-        rate = rows / max(time.time() - started, 1e-3)
-        eta = f"{(estimate - rows) / rate:.0f} s" if rate > 0 and estimate > rows else "?"
-        return (f"snapshot: {done}/{len(tables)} tables, {rows} of about {estimate} rows, "
+        p = self.progress()
+        rate = p.rows_confirmed / max(time.time() - p.started, 1e-3)
+        left = p.rows_estimated - p.rows_confirmed
+        eta = f"{left / rate:.0f} s" if rate > 0 and left > 0 else "?"
+        return (f"snapshot: {p.tables_done}/{p.tables} tables, {p.rows_confirmed} of about {p.rows_estimated} rows, "
                 f"{rate:.0f} rows/s, about {eta} left")
 
 
