@@ -107,6 +107,7 @@ cdef class Decoder:
     cdef Py_ssize_t* _spans      # per column: where _put_row wrote its value in _out (start, length)
     cdef int _col_cap
     cdef int _small_records      # records in a row that used a sliver of a big _out
+    cdef Py_ssize_t _emitted     # bytes of record values made so far (ReplicationStream.read's limit)
     cdef Buf _scratch            # a snapshot row's unescaped fields (copy.pxi)
 
     cdef void _clear_slots(self)

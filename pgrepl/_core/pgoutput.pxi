@@ -71,6 +71,7 @@ cdef class Decoder:
         self._spans = NULL
         self._col_cap = 0
         self._small_records = 0
+        self._emitted = 0
         self._part_count = NULL
         self._part_base = NULL
         self._last_index = NULL
@@ -535,6 +536,7 @@ cdef class Decoder:
             key_row = self._old
         buf_put(out, b"]}}", 3)
         value = PyBytes_FromStringAndSize(out.data, out.len)
+        self._emitted += out.len
         if out.cap > BIG_OUT_BUFFER:
             # The buffer is kept while large values keep coming: freeing and regrowing it for
             # each of them would fault its pages in afresh every time. Only a long run of
