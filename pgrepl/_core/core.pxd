@@ -104,7 +104,10 @@ cdef class Decoder:
     cdef Buf _key
     cdef Col* _old
     cdef Col* _new
+    cdef Py_ssize_t* _spans      # per column: where _put_row wrote its value in _out (start, length)
     cdef int _col_cap
+    cdef int _small_records      # records in a row that used a sliver of a big _out
+    cdef Py_ssize_t _emitted     # bytes of record values made so far (ReplicationStream.read's limit)
     cdef Buf _scratch            # a snapshot row's unescaped fields (copy.pxi)
 
     cdef void _clear_slots(self)
@@ -125,7 +128,7 @@ cdef class Decoder:
     cdef int _partition(self, Relation rel, Py_ssize_t record_index, Batch batch) except -2
     cdef int _missing_old_row(self, Relation rel, str what) except -1
     cdef int _fill_unchanged_toast(self, Relation rel) except -1
-    cdef int _put_row(self, Reader* r, Relation rel, Col* cols) except -1
+    cdef int _put_row(self, Reader* r, Relation rel, Col* cols, Col* written, bint note) except -1
     cdef object _make_key(self, Reader* r, Relation rel, Col* cols)
     cdef int _truncate(self, Reader* r) except -1
 

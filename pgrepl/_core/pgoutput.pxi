@@ -14,6 +14,25 @@ cdef bytes OP_DELETE = b',"op":{"Delete":['
 cdef bytes SEQ_ID = b',"seq_id":'
 
 
+# Values at least this long are compared with the old row's before they are escaped (shorter ones
+# escape about as fast as they compare).
+cdef Py_ssize_t SAME_TEXT_MIN = 64
+
+# An output buffer above this size is given back after SMALL_RECORDS_BEFORE_SHRINK records in a
+# row that each used less than 1/64 of it.
+cdef Py_ssize_t BIG_OUT_BUFFER = 16 << 20
+cdef int SMALL_RECORDS_BEFORE_SHRINK = 256
+
+
+cdef inline bint same_text(const uint8_t* p, const Col* a, const Col* b) noexcept nogil:
+    """Whether two text values of one message have the same bytes (both kind 't')."""
+    if b.kind != K_TEXT or a.len != b.len:
+        return False
+    if a.off == b.off:  # the same bytes: an unchanged TOASTed value filled in from the old row
+        return True
+    return a.len >= SAME_TEXT_MIN and memcmp(p + a.off, p + b.off, a.len) == 0
+
+
 cdef int _cmp_index(const void* a, const void* b) noexcept nogil:
     cdef Py_ssize_t x = (<const Py_ssize_t*>a)[0]
     cdef Py_ssize_t y = (<const Py_ssize_t*>b)[0]
@@ -49,7 +68,10 @@ cdef class Decoder:
         self._scratch.cap = 0
         self._old = NULL
         self._new = NULL
+        self._spans = NULL
         self._col_cap = 0
+        self._small_records = 0
+        self._emitted = 0
         self._part_count = NULL
         self._part_base = NULL
         self._last_index = NULL
@@ -86,6 +108,7 @@ cdef class Decoder:
         PyMem_Free(self._scratch.data)
         PyMem_Free(self._old)
         PyMem_Free(self._new)
+        PyMem_Free(self._spans)
         PyMem_Free(self._part_count)
         PyMem_Free(self._part_base)
         PyMem_Free(self._last_index)
@@ -389,6 +412,10 @@ cdef class Decoder:
         if new == NULL:
             raise MemoryError()
         self._new = new
+        cdef Py_ssize_t* spans = <Py_ssize_t*>PyMem_Realloc(self._spans, sizeof(Py_ssize_t) * 2 * ncols)
+        if spans == NULL:
+            raise MemoryError()
+        self._spans = spans
         self._col_cap = ncols
         return 0
 
@@ -494,28 +521,38 @@ cdef class Decoder:
         cdef Col* key_row
         if op == 0x49:
             buf_put_bytes(out, OP_INSERT)
-            self._put_row(r, rel, self._new)
+            self._put_row(r, rel, self._new, NULL, False)
             key_row = self._new
         elif op == 0x55:
             buf_put_bytes(out, OP_UPDATE)
-            self._put_row(r, rel, self._old)
+            self._put_row(r, rel, self._old, NULL, True)
             buf_put(out, b"],[", 3)
-            self._put_row(r, rel, self._new)
+            self._put_row(r, rel, self._new, self._old, False)
             buf_put(out, b"]", 1)
             key_row = self._new
         else:
             buf_put_bytes(out, OP_DELETE)
-            self._put_row(r, rel, self._old)
+            self._put_row(r, rel, self._old, NULL, False)
             key_row = self._old
         buf_put(out, b"]}}", 3)
         value = PyBytes_FromStringAndSize(out.data, out.len)
-        if out.cap > (16 << 20):
-            # one huge value must not pin a buffer of six times its size for good
-            PyMem_Free(out.data)
-            out.data = NULL
-            out.cap = 0
-            out.len = 0
-            buf_reserve(out, 4096)
+        self._emitted += out.len
+        if out.cap > BIG_OUT_BUFFER:
+            # The buffer is kept while large values keep coming: freeing and regrowing it for
+            # each of them would fault its pages in afresh every time. Only a long run of
+            # records that each need a sliver of it gives it back, so that a few huge values
+            # do not pin a buffer of up to twelve times their size for good.
+            if out.len < out.cap // 64:
+                self._small_records += 1
+                if self._small_records >= SMALL_RECORDS_BEFORE_SHRINK:
+                    PyMem_Free(out.data)
+                    out.data = NULL
+                    out.cap = 0
+                    out.len = 0
+                    buf_reserve(out, 4096)
+                    self._small_records = 0
+            else:
+                self._small_records = 0
         if rel.nkey:
             key = self._make_key(r, rel, key_row)
         else:
@@ -566,17 +603,40 @@ cdef class Decoder:
                 self._new[i] = self._old[i]
         return 0
 
-    cdef int _put_row(self, Reader* r, Relation rel, Col* cols) except -1:
+    cdef int _put_row(self, Reader* r, Relation rel, Col* cols, Col* written, bint note) except -1:
+        """Append a row's values as JSON array elements.
+
+        ``note``: remember where each value's escaped text went (an Update's old row).
+        ``written``: the row written just before with ``note`` (the old row, for the new row), or
+        NULL: a value with the same bytes as ``written``'s copies that escaped text instead of
+        escaping it again. That is every column an UPDATE leaves unchanged under
+        REPLICA IDENTITY FULL, and above all an unchanged TOASTed value, which the new row
+        takes from the old one (``_fill_unchanged_toast``): a copy costs a fraction of
+        escaping kilobytes of text.
+        """
         cdef Buf* out = &self._out
+        cdef Py_ssize_t* spans = self._spans
+        cdef Py_ssize_t start
+        cdef Py_ssize_t length
         cdef int i
         for i in range(rel.ncols):
             if i:
                 buf_put(out, b",", 1)
             if cols[i].kind == K_TEXT:
+                if written != NULL and same_text(r.p, &cols[i], &written[i]):
+                    length = spans[2 * i + 1]
+                    buf_reserve(out, length)  # may move the buffer: copy from it afterwards
+                    memcpy(out.data + out.len, out.data + spans[2 * i], length)
+                    out.len += length
+                    continue
+                start = out.len
                 if put_json_string(out, r.p + cols[i].off, cols[i].len) < 0:
                     r.pos = cols[i].off
                     fail(r, f"invalid UTF-8 in column {rel.columns[i]!r} of table "
                             f"{rel.qualified_name}")
+                if note:
+                    spans[2 * i] = start
+                    spans[2 * i + 1] = out.len - start
             elif cols[i].kind == K_NULL:
                 buf_put(out, b"null", 4)
             else:

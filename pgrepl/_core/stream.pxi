@@ -69,9 +69,14 @@ cdef class ReplicationStream:
         detail = message.decode("utf-8", "replace").strip() or "connection lost"
         raise StreamError(f"{what}: {detail}")
 
-    def read(self, Decoder decoder, Py_ssize_t max_messages=4096, Py_ssize_t max_bytes=8388608):
+    def read(self, Decoder decoder, Py_ssize_t max_messages=4096, Py_ssize_t max_bytes=4194304):
         """Decode the messages that are available without blocking, at most ``max_messages``
-        and about ``max_bytes`` of stream (a batch of 20 kB rows stays small).
+        and about ``max_bytes`` of stream and record values together.
+
+        Both count because both are memory the batch holds until it is produced (and Kafka's
+        client then holds a copy of the values): an update of a row with a 20 kB TOASTed value
+        is 20 kB of stream but 40 kB of record, so a batch of such rows stops at about 70 of
+        them, plenty to spread the per-batch cost, while 4,096 small rows fit.
 
         Returns a ``Batch`` (with ``begin_starts``: the WAL position of each Begin). A
         ``PgreplError`` raised while decoding carries ``partial_batch``: what came before. After the
@@ -87,10 +92,11 @@ cdef class ReplicationStream:
         cdef uint64_t data_start
         cdef int msg_type
         cdef const uint8_t* q
+        cdef Py_ssize_t emitted = decoder._emitted
         self.would_block = False
         decoder._clear_slots()
         try:
-            while count < max_messages and nbytes < max_bytes:
+            while count < max_messages and nbytes + (decoder._emitted - emitted) < max_bytes:
                 n = self._getcopydata(self._pg, &buf, 1)
                 if n == 0:
                     if consumed:

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark pgrepl end to end against pg_recvlogical (the walsender's ceiling) and a "
                     "pure-Python producer, on your machine. Without --dsn/--brokers it starts a throwaway "
                     "PostgreSQL and Kafka-protocol broker.",
-        epilog="Runtime: each workload makes --rows changes (toast: --rows/50) twice (one big transaction, "
+        epilog="Runtime: each workload makes --rows changes (jsonb: --rows/10, toast: --rows/50) twice (one big transaction, "
                "then transactions of --tx-size) and streams them --repeat times through each reader. The "
                "defaults (inventory, 1,000,000 rows, 3 repeats) take about 10 minutes on 2 cores; --quick "
                "(100,000 rows, 1 repeat) about a minute per workload.")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--tx-size", type=_positive_int, default=DEFAULT_TX_SIZE,
                       help=f"row changes per transaction in the small shape (default {DEFAULT_TX_SIZE})")
     what.add_argument("--rows", type=_positive_int, help=f"row changes per workload (default {DEFAULT_ROWS:,}; "
-                                                         "toast makes a fiftieth: 20 kB values)")
+                                                         "jsonb makes a tenth: 2-8 kB documents; toast a fiftieth: 20 kB values)")
     what.add_argument("--repeat", type=_positive_int, help=f"runs per reader; figures are the median with min "
                                                            f"and max (default {DEFAULT_REPEAT})")
     what.add_argument("--readers", type=_choices("reader", READERS), metavar="NAMES",

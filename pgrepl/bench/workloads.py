@@ -25,6 +25,16 @@ PREFIX = "pgrepl_bench_"
 #: Size of the 20 kB values of the ``toast`` workload.
 TOAST_VALUE_BYTES = 20_000
 
+#: The ``jsonb`` workload's document of row ``g``: an order of 24 to 88 line items, 2-8 kB of
+#: JSON text (every line item has quoted keys and strings, and a note with escaped quotes: the
+#: dense escaping of real JSON documents, unlike the toast workload's plain hex).
+JSONB_DOCUMENT_SQL = (
+    "jsonb_build_object('order', g, 'rev', 0, 'customer', 'customer ' || (g %% 997), 'items', "
+    "(SELECT jsonb_agg(jsonb_build_object('sku', 'sku-' || g || '-' || i, 'qty', i, 'price', i * 1.25, "
+    "'tags', jsonb_build_array('red', 'blue'), 'note', 'line \"' || i || '\"')) "
+    "FROM generate_series(1, 24 + (g %% 65)::int) i))"
+)
+
 ProgressFn = Callable[[int], None]
 
 
@@ -121,6 +131,16 @@ WORKLOADS: Dict[str, Workload] = {
         mix=(0.6, 0.3, 0.1),
     ),
     "wide": _wide(),
+    "jsonb": Workload(
+        name="jsonb",
+        description="jsonb documents of 2-8 kB; updates change the document (--rows/10 changes)",
+        columns=(("id", "bigint PRIMARY KEY"), ("rev", "int NOT NULL"), ("doc", "jsonb")),
+        partition_key=("id",),
+        insert_exprs=("g", "0", JSONB_DOCUMENT_SQL),
+        update_set="rev = rev + 1, doc = jsonb_set(doc, '{rev}', to_jsonb(rev + 1))",
+        mix=(0.6, 0.3, 0.1),
+        rows_divisor=10,
+    ),
     "toast": Workload(
         name="toast",
         description=f"updates leaving a {TOAST_VALUE_BYTES // 1000} kB out-of-line text unchanged (--rows/50 changes)",

@@ -28,6 +28,7 @@ from pgrepl.postgres.lease import SlotLease
 from pgrepl.postgres.slot import validate_slot_name
 from pgrepl.producer.delivery import DeliveryObserver
 from pgrepl.producer.history import DEFAULT_HISTORY_TOPIC, SlotHistory, SlotRecord
+from pgrepl.producer.memory import tune_malloc
 from pgrepl.producer.output import KafkaFactory, KafkaOutput, Retry, producer_settings
 from pgrepl.producer.session import Session
 from pgrepl.producer.snapshot import REQUEST_PREFIX, SnapshotCoordinator, SnapshotJob, new_job_id
@@ -104,7 +105,7 @@ class Producer:
         stop_timeout: float = 30.0,
         max_backoff: float = 30.0,
         batch_messages: int = 4096,
-        batch_bytes: int = 8 << 20,
+        batch_bytes: int = 4 << 20,
         gather_seconds: float = 0.0005,
         handle_signals: bool = True,
         kafka_factory: Optional[KafkaFactory] = None,
@@ -205,6 +206,7 @@ class Producer:
         if not self._running.acquire(blocking=False):
             raise RuntimeError("this Producer is already running")
         restore = install_stop_handlers(self.stop, self.handle_signals)
+        tune_malloc()  # large rows: reuse warm heap pages batch after batch (see pgrepl.producer.memory)
         try:
             self._start_metrics()
             self._run()

@@ -127,6 +127,9 @@ def test_workload_shapes() -> None:
     assert len(bench_workloads.WORKLOADS["wide"].columns) == 30
     assert len(bench_workloads.WORKLOADS["inventory"].columns) == 7
     assert len(bench_workloads.WORKLOADS["narrow"].columns) == 2
+    jsonb = bench_workloads.WORKLOADS["jsonb"]
+    assert dict(jsonb.columns)["doc"] == "jsonb" and jsonb.rows_divisor == 10
+    assert "doc = jsonb_set(" in jsonb.update_set  # updates change the document: both rows are escaped in full
     sql = bench_workloads.create_table_sql("pgrepl_bench_abcdef_t", bench_workloads.WORKLOADS["toast"].columns,
                                            ["body"])
     assert any("REPLICA IDENTITY FULL" in s for s in sql) and any("STORAGE EXTERNAL" in s for s in sql)

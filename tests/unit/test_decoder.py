@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import List
 
@@ -293,3 +294,28 @@ def test_wide_relation_and_large_values() -> None:
     dec.decode(m.relation(9, "public", "w", ["a"]))
     rec = dec.decode(m.insert(9, [huge]))
     assert orjson.loads(rec.value)["op"]["Insert"][0] == huge
+
+
+@pytest.mark.parametrize("body", ["x" * 5000, 'q"\\\n' * 3000, "é€" * 40 + "tail", "short"])
+def test_an_updates_unchanged_values_are_written_as_escaped_the_first_time(body: str) -> None:
+    """The new row reuses the old row's escaped text for a value with the same bytes (an unchanged
+    TOASTed value, or any unchanged column): the record is byte for byte the same as escaping it twice."""
+    expected_body = json.dumps(body, ensure_ascii=False)
+    for new_body in (m.UNCHANGED, body, body[:-1] + "!"):
+        dec = Decoder({"inv": {"name": "inv_topic", "partition_key": ["org"]}}, split_key_changes=False)
+        dec.decode(m.relation(REL, "public", "inv", COLS))
+        out = records(dec, [m.begin(5), m.update(REL, ["1", "o", body], ["1", "o2", new_body]),
+                            m.insert(REL, ["2", "o", body])])
+        new_json = expected_body if new_body is m.UNCHANGED else json.dumps(new_body, ensure_ascii=False)
+        assert out[0].value.endswith(f'"Update":[["1","o",{expected_body}],["1","o2",{new_json}]]}}}}'.encode())
+        assert out[1].value.endswith(f'"Insert":["2","o",{expected_body}]}}}}'.encode())
+
+
+def test_a_key_change_split_writes_both_records_in_full() -> None:
+    dec = new_decoder()
+    body = 'z"' * 4000
+    values = dec.decode_batch([m.begin(5), m.update(REL, ["1", "o1", body], ["1", "o2", m.UNCHANGED])]).values
+    expected_body = json.dumps(body).encode()
+    assert len(values) == 2
+    assert values[0].endswith(b'"Delete":["1","o1",' + expected_body + b"]}}")
+    assert values[1].endswith(b'"Insert":["1","o2",' + expected_body + b"]}}")

@@ -89,3 +89,35 @@ def test_valid_utf8_agrees_with_python_for_every_code_point_class() -> None:
     for cp in [0x80, 0x7FF, 0x800, 0xD7FF, 0xE000, 0xFFFD, 0xFFFF, 0x10000, 0x10FFFF]:
         char = chr(cp)
         assert escape_json_string(char) == b'"' + char.encode() + b'"'
+
+
+# Long values go through the 16-bytes-at-a-time scan: every kind of byte that needs care, at every
+# position of a block, around block ends and in the shorter tail.
+CARE = ["\x00", "\x01", "\x08", "\t", "\n", "\x1f", '"', "\\", "\x7f", "é", "€", "😀"]
+
+
+@pytest.mark.parametrize("char", CARE)
+def test_long_text_with_one_char_needing_care_at_every_position(char: str) -> None:
+    for length in (15, 16, 17, 31, 32, 33, 47, 64):
+        for at in range(length):
+            text = "a" * at + char + "b" * (length - at - 1)
+            assert escape_json_string(text) == json.dumps(text, ensure_ascii=False).encode(), (length, at)
+
+
+def test_long_text_agrees_with_the_json_module() -> None:
+    import random
+
+    rng = random.Random(1234)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 {}:,[]" * 4 + "".join(CARE) + "\r\x0b\x0c"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 400)))
+        assert escape_json_string(text) == json.dumps(text, ensure_ascii=False).encode()
+    document = json.dumps({"items": [{"sku": f"sku-{i}", "note": f'line "{i}"\n'} for i in range(200)]})
+    assert escape_json_string(document) == json.dumps(document, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("raw", [b"\x80", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98", b"\xed\xa0\x80", b"\xff"])
+def test_invalid_utf8_anywhere_in_a_long_text_is_an_error(raw: bytes) -> None:
+    for at in range(40):
+        with pytest.raises(ValueError):
+            escape_json_string(b"a" * at + raw + b"z" * 20)
