@@ -230,6 +230,10 @@ class Checkup:
         if record is None:
             self.add("slot history", "ok", f"no record of {p.slot} on {p.history_topic} yet (written at first start)")
             return
+        if self.slot is None and record.confirmed_lsn == 0:
+            self.add("slot history", "ok", f"{p.slot} was being created when its producer stopped; "
+                     "the next start creates it and runs its snapshot")
+            return
         if self.slot is None:
             raise ConfigError(slot_lost_message(p.slot, f"missing on database {database}", record.confirmed_lsn))
         changed = {t: (n, self.topics[t]) for t, n in record.partition_counts.items()

@@ -134,7 +134,8 @@ class Session:
             record = producer.history.load(key)
         info = get_slot(conn, producer.slot)
         lost: Optional[str] = None
-        if info is None and record is not None:
+        interrupted = record is not None and record.confirmed_lsn == 0  # saved, then stopped before the slot was
+        if info is None and record is not None and not interrupted:
             lost = f"missing on database {database}"
         elif info is not None and info.invalidated and record is not None:
             lost = info.invalidated
@@ -149,19 +150,29 @@ class Session:
             if info is not None:
                 drop_slot(conn, producer.slot)
             record = None
-        if created:
-            info = create_slot(conn, producer.slot, failover=producer.failover)
-        assert info is not None
-        check_slot(info, database, record.confirmed_lsn if record is not None else None)
-        if record is None:
-            record = SlotRecord(producer.slot, database, system_identifier, info.confirmed_flush_lsn or 0,
-                                instance=producer.instance)
-            if created and producer.snapshot != "never":
+        if created and record is None:
+            # the record (with its snapshot) is saved before the slot exists: a producer stopped in
+            # between finds it (confirmed_lsn 0) and still snapshots, rather than a slot without one
+            record = SlotRecord(producer.slot, database, system_identifier, 0, instance=producer.instance)
+            if producer.snapshot != "never":
                 kind = "resnapshot" if lost is not None else "initial"
                 producer.snapshots.add(producer.snapshots.plan(conn, new_job_id(kind), None, None))
                 record.snapshots = producer.snapshots.saved()
+            producer.history.save(record, wait=30.0)
+        if info is None or lost is not None:
+            info = create_slot(conn, producer.slot, failover=producer.failover)
+        check_slot(info, database, record.confirmed_lsn or None if record is not None else None)
+        if record is None:  # a slot pgrepl has no history of (made by hand, or history forgotten)
+            record = SlotRecord(producer.slot, database, system_identifier, info.confirmed_flush_lsn or 0,
+                                instance=producer.instance)
             producer.history.save(record, wait=30.0)  # remembered before anything is streamed
-        elif record.snapshots and not producer.snapshots.jobs:
+        elif record.confirmed_lsn == 0:  # saved just before the slot was created (by this or a stopped producer)
+            if interrupted:
+                log.info("replication slot %s: its creation was interrupted; %s", producer.slot,
+                         "resuming its snapshot" if record.snapshots else "created now")
+            record.confirmed_lsn = info.confirmed_flush_lsn or 0
+            producer.history.save(record, wait=30.0)
+        if record.snapshots and not producer.snapshots.jobs:
             producer.snapshots.resume(conn, record.snapshots)
         producer.slot_records[key] = record
         self.record = record

@@ -149,6 +149,38 @@ def test_a_slot_dropped_while_stopped_is_refused_with_the_last_position(
     assert slot_state(pg_dsn, f"{p}slot") == (None, None), "the slot was recreated"
 
 
+def test_a_producer_stopped_as_its_slot_was_created_still_snapshots(
+        pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slot history (with the initial snapshot's plan) is written before the slot is created: a
+    producer that dies right after creating it must not leave a slot whose stream starts without the table."""
+    p = name_prefix
+    make_source(pg_dsn, p)
+    execute(pg_dsn, f"INSERT INTO {p}src SELECT g, 'g', 0, 'x' FROM generate_series(1, 500) g")
+    topic_map = {f"{p}src": {"name": f"{p}src", "partition_key": ["grp"]}}
+
+    from pgrepl.producer import session
+    create_slot = session.create_slot
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        create_slot(*args, **kwargs)
+        raise SystemExit("killed right after the slot was created")
+
+    monkeypatch.setattr(session, "create_slot", dies)
+    first = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", topic_map)
+    first.handle_signals = False
+    with pytest.raises(SystemExit):
+        first.start()
+    assert slot_state(pg_dsn, f"{p}slot") != (None, None)
+    monkeypatch.undo()
+    again = Producer(pg_dsn, kafka_bootstrap, f"{p}slot", f"{p}pub", topic_map)
+    with running(again):
+        wait_streaming(pg_dsn, f"{p}slot")
+        wait_for(lambda: not again.snapshots.active and again.snapshots.rows == 500, what="the snapshot")
+    drop_replication_slot(f"{p}slot")
+    assert len(dedupe(read_topic(kafka_bootstrap, f"{p}src"))) == 500
+
+
 def test_a_slot_dropped_while_streaming_stops_the_producer(
         pg_dsn: str, kafka_bootstrap: str, name_prefix: str, drop_replication_slot) -> None:
     p = name_prefix

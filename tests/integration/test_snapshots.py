@@ -290,14 +290,16 @@ def test_sigkill_three_times_mid_snapshot_resumes(kind: str, pg_dsn: str, kafka_
         if kind == "incremental":
             execute(pg_dsn, f"SELECT pg_logical_emit_message(true, 'pgrepl.snapshot', '{{\"tables\": [\"{p}src\"]}}')")
         workload.start()
-        for _ in range(3):
-            wait_for(lambda: "snapshot:" in log.read_text(errors="replace").rsplit("streaming slot", 1)[-1],
-                     timeout=60, interval=0.05, what="snapshot progress")
+        for started in range(1, 4):
+            # snapshot progress printed by the process started last (the n-th "streaming slot" line is
+            # its own: the walsender of a killed one may still be listed, so wait_streaming cannot tell)
+            wait_for(lambda: snapshot_progress_of(log, started), timeout=60, interval=0.05,
+                     what=f"snapshot progress from producer #{started}")
             assert " done: " not in log.read_text(errors="replace"), "the snapshot finished before the kill"
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             process = start_cli(config, log)
-            wait_streaming(pg_dsn, f"{p}slot")
+        wait_for(lambda: "streaming slot" in log_of(log, 4), timeout=60, what="producer #4 to stream")
         wait_for(lambda: " done: " in log.read_text(errors="replace"), timeout=300, what="the snapshot to finish")
         workload.finish()
         wait_caught_up(pg_dsn, p)
@@ -314,6 +316,18 @@ def test_sigkill_three_times_mid_snapshot_resumes(kind: str, pg_dsn: str, kafka_
     messages = read_topic(kafka_bootstrap, f"{p}src", timeout=120)
     check_never_back_in_time(messages)
     sink_equals_source(pg_dsn, kafka_bootstrap, p)
+
+
+def log_of(log: Path, started: int) -> str:
+    """What the ``started``-th producer process wrote to ``log`` (from its 'starting -> ...' role line on)."""
+    parts = log.read_text(errors="replace").split(": starting -> ")  # once per process
+    return parts[started] if len(parts) > started else ""
+
+
+def snapshot_progress_of(log: Path, started: int) -> bool:
+    """Whether the ``started``-th producer process has streamed and reported snapshot progress."""
+    own = log_of(log, started)
+    return "streaming slot" in own and "snapshot:" in own.split("streaming slot", 1)[1]
 
 
 class _HotUpdates(Workload):
