@@ -13,6 +13,7 @@ inline across them; the C structs and the extension types' fields are declared i
 * stream.pxi     ReplicationStream: reads the CopyBoth stream from libpq, decodes in place
 * records.pxi    the consumer's parser of canonical ReplicationOp JSON
 * copy.pxi       snapshot rows (COPY text format) into the same Insert records
+* copy_out.pxi   COPY ... TO STDOUT read from libpq in blocks, with the GIL released
 
 Per row the only Python objects made are the Kafka key and value ``bytes``.
 """
@@ -44,3 +45,4 @@ include "pgoutput.pxi"
 include "stream.pxi"
 include "records.pxi"
 include "copy.pxi"
+include "copy_out.pxi"

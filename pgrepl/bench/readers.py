@@ -58,24 +58,29 @@ def split_password(dsn: str) -> Tuple[str, Dict[str, str]]:
     return psycopg2.extensions.make_dsn(**params), env
 
 
-def find_pg_recvlogical(explicit: Optional[str], bindir: Optional[str]) -> str:
-    """pg_recvlogical: ``--pg-recvlogical``, the sandbox's bindir, PATH, or the PostgreSQL install."""
+def find_pg_tool(name: str, explicit: Optional[str], bindir: Optional[str], hint: str) -> str:
+    """A PostgreSQL client program: ``explicit``, the sandbox's bindir, PATH, or the PostgreSQL install."""
     candidates: List[Optional[str]] = [explicit]
     if bindir:
-        candidates.append(os.path.join(bindir, "pg_recvlogical"))
-    candidates.append(shutil.which("pg_recvlogical"))
+        candidates.append(os.path.join(bindir, name))
+    candidates.append(shutil.which(name))
     if not explicit:
         with contextlib.suppress(ConfigError):
             from pgrepl.testing import find_pg_bindir
 
-            candidates.append(os.path.join(find_pg_bindir(), "pg_recvlogical"))
+            candidates.append(os.path.join(find_pg_bindir(), name))
     for path in candidates:
         if path and os.access(path, os.X_OK):
             return path
     if explicit:
-        raise ConfigError(f"--pg-recvlogical {explicit}: not an executable")
-    raise ConfigError("pg_recvlogical not found: install the PostgreSQL client tools, pass --pg-recvlogical PATH, "
-                      "or leave recvlogical out of --readers")
+        raise ConfigError(f"{explicit}: not an executable")
+    raise ConfigError(f"{name} not found: install the PostgreSQL client tools, {hint}")
+
+
+def find_pg_recvlogical(explicit: Optional[str], bindir: Optional[str]) -> str:
+    """pg_recvlogical: ``--pg-recvlogical``, the sandbox's bindir, PATH, or the PostgreSQL install."""
+    return find_pg_tool("pg_recvlogical", explicit, bindir,
+                        "pass --pg-recvlogical PATH, or leave recvlogical out of --readers")
 
 
 def exited(proc: "subprocess.Popen[Any]") -> bool:
@@ -118,8 +123,9 @@ class Readers:
     """
 
     def __init__(self, args: Any, dsn: str, brokers: str, recvlogical: Optional[str], resources: Any, ui: Ui,
-                 log_dir: str, debezium: Any = None) -> None:
+                 log_dir: str, debezium: Any = None, psql: Optional[str] = None) -> None:
         self.args = args
+        self.psql = psql  # psql, for --snapshot's COPY ceiling
         self.debezium = debezium  # a compiled pgrepl.bench.debezium.Debezium, when that reader runs
         self.dsn = dsn
         self.brokers = brokers

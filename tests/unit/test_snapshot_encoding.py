@@ -96,3 +96,43 @@ def test_a_batch_splits_around_a_chunk_with_its_markers_and_commits() -> None:
     assert before.values == batch.values[:2] and after.values == batch.values[2:]
     assert sorted(before.markers) == before.markers and len(before.markers) == len(set(before.partitions))
     assert after.markers == [0]
+
+
+def test_a_block_of_lines_encodes_as_the_list_and_keep_drops_lines() -> None:
+    """copy_out hands rows over as blocks of newline-terminated lines: encoding a block gives the
+    same records as the list of its lines; ``keep`` (one byte per line) leaves lines out."""
+    rows = [["1", "a", "x"], ["2", "b", None], ["3", "a", "tab\there\nnewline \\ back"], ["4", "c", ""]]
+    lines = [copy_line(v) for v in rows]
+    dec = Decoder(TOPIC_MAP)
+    dec.set_partition_count("inv_topic", 6)
+    dec.define_relation(REL, "public", "inv", COLS)
+    listed = encode_copy_rows(dec, REL, lines, 500, 3)
+    block = encode_copy_rows(dec, REL, b"".join(lines), 500, 3)
+    assert (block.values, block.keys, block.partitions, block.markers) == (
+        listed.values, listed.keys, listed.partitions, listed.markers)
+    kept = encode_copy_rows(dec, REL, b"".join(lines), 500, 3, keep=bytes([1, 0, 1, 0]))
+    expected = encode_copy_rows(dec, REL, [lines[0], lines[2]], 500, 3)
+    assert (kept.values, kept.keys, kept.partitions) == (expected.values, expected.keys, expected.partitions)
+    assert copy_row_keys(b"".join(lines), (0,), 3) == copy_row_keys(lines, (0,), 3) == [b"1", b"2", b"3", b"4"]
+    with pytest.raises(TypeError):
+        encode_copy_rows(dec, REL, "not bytes", 500, 0)  # type: ignore[arg-type]
+
+
+def test_chunk_rows_keep_blocks_spill_and_give_whole_lines_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyless table's rows spill to a temporary file past SPILL_BYTES; read back, every block
+    holds whole lines, in order, and the last line is known either way."""
+    from pgrepl.producer.snapshot import reader
+
+    lines = [copy_line([str(i), f"org{i % 3}", "x" * (i % 50)]) for i in range(2000)]
+    blocks = [b"".join(lines[i:i + 70]) for i in range(0, len(lines), 70)]
+    for spill in (False, True):
+        monkeypatch.setattr(reader, "SPILL_BYTES", 5_000 if spill else 1 << 30)
+        monkeypatch.setattr(reader, "BLOCK_BYTES", 777)
+        rows = reader.ChunkRows()
+        for block in blocks:
+            rows.add(block, block.count(b"\n"))
+        assert rows.count == 2000 and rows.last_line() == lines[-1]
+        back = list(rows.batches())
+        assert all(b.endswith(b"\n") for b in back) and b"".join(back) == b"".join(lines)
+        assert (len(back) > len(blocks)) == spill  # read back from the file in BLOCK_BYTES pieces
+        rows.close()

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import orjson
 
@@ -39,7 +39,6 @@ log = logging.getLogger("pgrepl.snapshot")
 
 REQUEST_PREFIX = "pgrepl.snapshot"
 HEADER = "pgrepl.snapshot"
-ENCODE_BATCH = 20_000
 
 #: A decoded batch (or a part of one) and the Kafka headers its records carry (snapshot rows).
 Part = Tuple[Batch, Optional[List[Tuple[str, bytes]]]]
@@ -271,11 +270,15 @@ class SnapshotCoordinator:
         self._relids = {}
         return self._encoder
 
-    def process(self, batch: Batch) -> List[Part]:
-        """Split ``batch`` around the chunks whose high watermark it holds (their rows go in between)."""
+    def process(self, batch: Batch) -> Iterator[Part]:
+        """Split ``batch`` around the chunks whose high watermark it holds (their rows go in between).
+
+        A generator: each chunk's rows are encoded a block at a time as the caller produces the
+        parts, so a chunk is never held in memory twice (COPY text and records) as a whole.
+        """
         if not batch.messages and not self._windows:
-            return [(batch, None)]
-        parts: List[Part] = []
+            yield batch, None
+            return
         start = 0
         commit = 0
         for index, lsn, prefix, content in batch.messages:
@@ -299,12 +302,11 @@ class SnapshotCoordinator:
             commit_end = commit
             while commit_end < len(batch.commits) and batch.commits[commit_end].commit_lsn < lsn:
                 commit_end += 1
-            parts.append((_part(batch, start, index, commit, commit_end), None))
+            yield _part(batch, start, index, commit, commit_end), None
             start, commit = index, commit_end
-            parts.extend(self._emit(chunk, lsn))
+            yield from self._emit(chunk, lsn)
         self._scan(batch, start, len(batch))
-        parts.append((_part(batch, start, len(batch), commit, len(batch.commits)), None))
-        return parts
+        yield _part(batch, start, len(batch), commit, len(batch.commits)), None
 
     def _scan(self, batch: Batch, start: int, end: int) -> None:
         """Note the rows the stream changed (old and new identity) in every open chunk window."""
@@ -324,7 +326,7 @@ class SnapshotCoordinator:
                 if record["table_name"] == chunk.table.name:
                     chunk.stale.update(_identities(record, chunk.table))
 
-    def _emit(self, chunk: Chunk, lsn: int) -> List[Part]:
+    def _emit(self, chunk: Chunk, lsn: int) -> Iterator[Part]:
         """The chunk's rows nobody changed during its window, as Insert records at ``(lsn, 0...)``."""
         assert self._encoder is not None and chunk.rows is not None
         self._windows.pop(chunk.id, None)
@@ -335,17 +337,17 @@ class SnapshotCoordinator:
             self._encoder.define_relation(relid, table.schema, table.name, table.columns)
         positions = table.key_positions()
         headers = [(HEADER, chunk.job_id.encode())]
-        parts: List[Part] = []
         seq = 0
-        for lines in chunk.rows.batches(ENCODE_BATCH):
+        for block in chunk.rows.batches():
+            keep = None
             if chunk.stale:
-                keys = copy_row_keys(lines, positions, len(table.columns))
-                fresh = [line for line, key in zip(lines, keys) if key not in chunk.stale]
-                self.stale_rows += len(lines) - len(fresh)
-                lines = fresh
-            if lines:
-                parts.append((encode_copy_rows(self._encoder, relid, lines, lsn, seq), headers))
-                seq += len(lines)
+                keys = copy_row_keys(block, positions, len(table.columns))
+                keep = bytes(key not in chunk.stale for key in keys)
+                self.stale_rows += len(keys) - sum(keep)
+            part = encode_copy_rows(self._encoder, relid, block, lsn, seq, keep)
+            if len(part):
+                seq += len(part)
+                yield part, headers
         with self._lock:
             self._inflight.pop(chunk.id, None)
             chunk.rows.close()
@@ -355,7 +357,6 @@ class SnapshotCoordinator:
             self._confirmations.append(_Confirmation(lsn, table, chunk.range, chunk.next_after, seq))
             self._lock.notify_all()
         self.rows += seq
-        return parts
 
     def confirmed(self, lsn: int) -> None:
         """The slot is confirmed up to ``lsn``: chunks emitted before it are done for good."""

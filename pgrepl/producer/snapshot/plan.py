@@ -209,7 +209,10 @@ def _split(conn: psycopg2.extensions.connection, plan: TablePlan, ranges: int) -
     if ranges <= 1 or plan.estimated_rows < ranges * 10_000:
         return [KeyRange()]
     keys = ", ".join(quote_ident(c) for c in plan.key_columns)
-    cast = ", ".join(f"{quote_ident(c)}::text" for c in plan.key_columns)
+    # the output columns get names of their own: ORDER BY "id" next to an output column named
+    # "id" (what "id"::text is called) would sort by the text, and bounds of a numeric key would
+    # come out of order (overlapping ranges, rows read twice)
+    cast = ", ".join(f"{quote_ident(c)}::text AS pgrepl_bound_{i}" for i, c in enumerate(plan.key_columns))
     bounds: List[Key] = []
     with conn.cursor() as cur:
         for i in range(1, ranges):
