@@ -164,30 +164,39 @@ class Readers:
 
     # -- pg_recvlogical -----------------------------------------------------------------
 
-    def run_recvlogical(self, slot: str, publication: str, target: str) -> Dict[str, Any]:
-        """pg_recvlogical to /dev/null until ``--endpos``: wall clock and its own rusage."""
-        assert self.recvlogical is not None
-        dsn, env = split_password(self.dsn)
-        argv = [self.recvlogical, "-d", dsn, "--start", "-S", slot, "-o", "proto_version=1",
-                "-o", f"publication_names={publication}", "-f", "/dev/null", "--endpos", target, "--no-loop"]
-        with open(self.log_path(slot), "ab") as logf:
+    def run_program(self, program: str, argv: List[str], log_name: str) -> Dict[str, Any]:
+        """A PostgreSQL client program (the DSN's password in its environment) until it exits: wall
+        clock and its own rusage, or the error."""
+        _, env = split_password(self.dsn)
+        name = os.path.basename(argv[0])
+        with open(self.log_path(log_name), "ab") as logf:
             started = time.perf_counter()
             proc = self.resources.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
-                                        env=dict(os.environ, PGAPPNAME="pgrepl-bench-recvlogical", **env))
+                                        env=dict(os.environ, PGAPPNAME=f"pgrepl-bench-{program}", **env))
             status, usage, _ = wait_child(proc, self.args.timeout)
             wall = time.perf_counter() - started
         if status is None:
             self.resources.stop_process(proc)
-            return {"ok": False, "error": f"pg_recvlogical timed out after {self.args.timeout} s"}
+            return {"ok": False, "error": f"{name} timed out after {self.args.timeout} s"}
         self.resources.reaped(proc)
         if status != 0:
-            return {"ok": False, "error": f"pg_recvlogical exited with {status} (log {self.log_path(slot)})"}
+            return {"ok": False, "error": f"{name} exited with {status} (log {self.log_path(log_name)})"}
+        return {"ok": True, "wall_s": wall, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
+                "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_kb": usage.ru_maxrss, "records": None}
+
+    def run_recvlogical(self, slot: str, publication: str, target: str) -> Dict[str, Any]:
+        """pg_recvlogical to /dev/null until ``--endpos``: wall clock and its own rusage."""
+        assert self.recvlogical is not None
+        dsn, _ = split_password(self.dsn)
+        result = self.run_program("recvlogical", [
+            self.recvlogical, "-d", dsn, "--start", "-S", slot, "-o", "proto_version=1",
+            "-o", f"publication_names={publication}", "-f", "/dev/null", "--endpos", target, "--no-loop"], slot)
+        if not result["ok"]:
+            return result
         confirmed = self.resources.slot_confirmed(slot)
         if confirmed is None or lsn_int(confirmed) < lsn_int(target):
             return {"ok": False, "error": f"slot confirmed only to {confirmed}, target {target}"}
-        cpu = usage.ru_utime + usage.ru_stime
-        return {"ok": True, "wall_s": wall, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
-                "cpu_s": cpu, "peak_rss_kb": usage.ru_maxrss, "records": None}
+        return result
 
     # -- workers (python -m pgrepl.bench.worker) ----------------------------------------
 

@@ -17,12 +17,10 @@ then, per repeat and in one process each:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from pgrepl.bench.readers import Readers, per_row, split_password, wait_child
+from pgrepl.bench.readers import Readers, per_row, split_password
 from pgrepl.bench.workloads import Workload, create_table_sql, insert_sql
 from pgrepl.postgres.connect import quote_ident
 
@@ -57,24 +55,12 @@ def load_table(readers: Readers, table: str, workload: Workload, rows: int) -> N
 def run_copy(readers: Readers, table: str, workload: Workload, rows: int, log_name: str) -> Dict[str, Any]:
     """``COPY (SELECT cols FROM table) TO STDOUT`` through psql into /dev/null: wall clock, psql's rusage."""
     assert readers.psql is not None
-    dsn, env = split_password(readers.dsn)
+    dsn, _ = split_password(readers.dsn)
     columns = ", ".join(quote_ident(name) for name, _ in workload.columns)
-    argv = [readers.psql, "-X", "-q", "-d", dsn, "-v", "ON_ERROR_STOP=1", "-c",
-            f"COPY (SELECT {columns} FROM {quote_ident(table)}) TO STDOUT"]
-    with open(readers.log_path(log_name), "ab") as logf:
-        started = time.perf_counter()
-        proc = readers.resources.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
-                                       env=dict(os.environ, PGAPPNAME="pgrepl-bench-copy", **env))
-        status, usage, _ = wait_child(proc, readers.args.timeout)
-        wall = time.perf_counter() - started
-    if status is None:
-        readers.resources.stop_process(proc)
-        return {"ok": False, "error": f"psql timed out after {readers.args.timeout} s"}
-    readers.resources.reaped(proc)
-    if status != 0:
-        return {"ok": False, "error": f"psql exited with {status} (log {readers.log_path(log_name)})"}
-    return per_row({"ok": True, "wall_s": wall, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
-                    "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_kb": usage.ru_maxrss, "records": rows}, rows)
+    result = readers.run_program("copy", [readers.psql, "-X", "-q", "-d", dsn, "-v", "ON_ERROR_STOP=1", "-c",
+                                          f"COPY (SELECT {columns} FROM {quote_ident(table)}) TO STDOUT"], log_name)
+    result["records"] = rows if result["ok"] else None
+    return per_row(result, rows)
 
 
 def run_snapshots(readers: Readers, case_no: int, workload: Workload) -> Dict[str, Any]:

@@ -214,7 +214,7 @@ class SnapshotCoordinator:
     def _next_chunk(self) -> Optional[Chunk]:
         """The next chunk to read: a range with no chunk in flight, or None after a short wait."""
         with self._lock:
-            if self.streaming and len(self._inflight) < 2 * self.connections:
+            if self.streaming and len(self._inflight) < self.connections + 1:
                 for job in self.jobs:
                     for table in job.tables:
                         for key_range in table.ranges:
