@@ -21,6 +21,7 @@ from pgrepl._core.core import (
     escape_json_string,
     key_partition,
     parse_canonical,
+    restamp_copy_records,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "escape_json_string",
     "key_partition",
     "parse_canonical",
+    "restamp_copy_records",
 ]

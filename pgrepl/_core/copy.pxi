@@ -225,3 +225,65 @@ def copy_row_keys(rows, tuple positions, int width):
         PyMem_Free(cols)
         PyMem_Free(out.data)
         PyMem_Free(key.data)
+
+
+def restamp_copy_records(Decoder decoder, uint32_t relid, Batch records, uint64_t lsn, uint64_t first_seq,
+                         keep=None):
+    """``records`` (what ``encode_copy_rows`` made for table ``relid`` ahead of time, at any
+    position) at positions ``(lsn, first_seq)``, ``(lsn, first_seq + 1)``...: each value is
+    written again with the new position, byte for byte what ``encode_copy_rows`` would give now;
+    keys and partitions stay, markers are computed for the new batch. With ``keep`` (one byte per
+    record) only the records whose byte is non-zero. Returns a ``Batch``."""
+    cdef Relation rel = decoder._relations.get(relid)
+    if rel is None:
+        raise ConfigError(f"relation id {relid} was not defined for snapshot rows")
+    cdef Py_ssize_t prefix = PyBytes_GET_SIZE(rel.prefix)
+    cdef Batch batch = Batch()
+    cdef Buf* out = &decoder._out
+    cdef list values = records.values
+    cdef Py_ssize_t n = len(values)
+    cdef const char* mask = NULL
+    cdef Py_ssize_t mask_len = 0
+    cdef Py_ssize_t i
+    cdef Py_ssize_t q
+    cdef Py_ssize_t size
+    cdef const char* v
+    cdef bytes value
+    cdef uint64_t seq = first_seq
+    cdef dict last = {}
+    cdef object partition
+    cdef Py_ssize_t index
+    if keep is not None:
+        mask = PyBytes_AS_STRING(keep)
+        mask_len = PyBytes_GET_SIZE(keep)
+    for i in range(n):
+        if mask != NULL and (i >= mask_len or not mask[i]):
+            continue
+        value = values[i]
+        v = PyBytes_AS_STRING(value)
+        size = PyBytes_GET_SIZE(value)
+        # prefix, lsn digits, ,"seq_id":, seq digits, then the rest (,"op":...) as it is
+        q = prefix
+        while q < size and 48 <= <uint8_t>v[q] <= 57:
+            q += 1
+        if size - q < PyBytes_GET_SIZE(SEQ_ID) or memcmp(v + q, PyBytes_AS_STRING(SEQ_ID), PyBytes_GET_SIZE(SEQ_ID)) != 0:
+            raise DecodeError("not a record of encode_copy_rows for this table", "S", 0, i)
+        q += PyBytes_GET_SIZE(SEQ_ID)
+        while q < size and 48 <= <uint8_t>v[q] <= 57:
+            q += 1
+        out.len = 0
+        buf_put(out, v, prefix)
+        buf_put_u64(out, lsn)
+        buf_put_bytes(out, SEQ_ID)
+        buf_put_u64(out, seq)
+        buf_put(out, v + q, size - q)
+        seq += 1
+        index = len(batch.values)
+        batch.values.append(PyBytes_FromStringAndSize(out.data, out.len))
+        batch.topics.append(records.topics[i])
+        batch.keys.append(records.keys[i])
+        partition = records.partitions[i]
+        batch.partitions.append(partition)
+        last[(records.topics[i], partition) if partition >= 0 else index] = index
+    batch.markers = sorted(last.values())
+    return batch

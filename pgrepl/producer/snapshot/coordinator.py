@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import orjson
 
-from pgrepl._core import Batch, Decoder, copy_row_keys, copy_row_values, encode_copy_rows
+from pgrepl._core import Batch, Decoder, copy_row_keys, copy_row_values, encode_copy_rows, restamp_copy_records
 from pgrepl._runtime import Waker
 from pgrepl.errors import PgreplError
 from pgrepl.lsn import format_lsn
@@ -99,6 +99,9 @@ class SnapshotCoordinator:
         self._readers: List[ChunkReader] = []
         self._encoder: Optional[Decoder] = None
         self._relids: Dict[str, int] = {}
+        self._partition_counts: Dict[str, int] = {}
+        self._generation = 0                # of the partition counts: a session's
+        self._local = threading.local()     # each reader thread's encoder
         self._requests: Dict[str, Dict[str, Any]] = {}  # asked for, being planned (kept in the history too)
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -228,11 +231,40 @@ class SnapshotCoordinator:
         return None
 
     def _chunk_read(self, chunk: Chunk) -> None:
-        """A reader has the chunk's rows: where its range continues is known now."""
+        """A reader has the chunk's rows: where its range continues is known now, and (on the reader's
+        thread, off the stream's) the rows are encoded ahead, at a position the emission rewrites."""
         last = chunk.next_after
         if last is not None:
             values = copy_row_values(last)
             chunk.next_after = tuple(values[i] for i in chunk.table.key_positions())
+        rows = chunk.rows
+        if rows is None or rows.spilled:
+            return  # a spilled keyless table stays on disk until its emission encodes it
+        encoder, relid = self._reader_encoder(chunk.table)
+        table = chunk.table
+        try:
+            records = [encode_copy_rows(encoder, relid, block, 0, 0) for block in rows.blocks]
+        except PgreplError:
+            return  # encoded at the emission, where the error stops the producer as it should
+        # the rows' identities, for the rows the stream changes during the window: then the
+        # COPY text can go (a chunk in flight is held once, as records)
+        identities = [copy_row_keys(block, table.key_positions(), len(table.columns)) for block in rows.blocks]
+        chunk.ahead = list(zip(records, identities))
+        rows.close()
+
+    def _reader_encoder(self, table: TablePlan) -> Tuple[Decoder, int]:
+        """This reader thread's own encoder (same topic map and partition counts as the stream's), and
+        the table's relation id in it."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            local.encoder = self._new_encoder()
+            local.relids = {}
+            local.generation = self._generation
+        relid = local.relids.get(table.qualified_name)
+        if relid is None:
+            relid = local.relids[table.qualified_name] = len(local.relids) + 1
+            local.encoder.define_relation(relid, table.schema, table.name, table.columns)
+        return local.encoder, relid
 
     def _chunk_failed(self, chunk: Chunk, error: BaseException) -> None:
         log.warning("snapshot chunk of %s failed (%s); reading it again", chunk.table.qualified_name,
@@ -263,12 +295,18 @@ class SnapshotCoordinator:
     # -- the stream -----------------------------------------------------------------------------
 
     def encoder(self, partition_counts: Dict[str, int]) -> Decoder:
-        """A decoder for snapshot rows, with the stream's partition counts."""
-        self._encoder = Decoder(self.topic_map)
-        for topic, count in partition_counts.items():
-            self._encoder.set_partition_count(topic, count)
+        """A decoder for snapshot rows, with the stream's partition counts (a new session's)."""
+        self._partition_counts = dict(partition_counts)
+        self._generation += 1  # the readers make new encoders of their own
+        self._encoder = self._new_encoder()
         self._relids = {}
         return self._encoder
+
+    def _new_encoder(self) -> Decoder:
+        encoder = Decoder(self.topic_map)
+        for topic, count in self._partition_counts.items():
+            encoder.set_partition_count(topic, count)
+        return encoder
 
     def process(self, batch: Batch) -> Iterator[Part]:
         """Split ``batch`` around the chunks whose high watermark it holds (their rows go in between).
@@ -338,13 +376,17 @@ class SnapshotCoordinator:
         positions = table.key_positions()
         headers = [(HEADER, chunk.job_id.encode())]
         seq = 0
-        for block in chunk.rows.batches():
+        blocks = chunk.ahead if chunk.ahead is not None else ((block, None) for block in chunk.rows.batches())
+        for rows, identities in blocks:
             keep = None
             if chunk.stale:
-                keys = copy_row_keys(block, positions, len(table.columns))
+                keys = identities if identities is not None else copy_row_keys(rows, positions, len(table.columns))
                 keep = bytes(key not in chunk.stale for key in keys)
                 self.stale_rows += len(keys) - sum(keep)
-            part = encode_copy_rows(self._encoder, relid, block, lsn, seq, keep)
+            if isinstance(rows, Batch):  # encoded by the reader: only the position is written now
+                part = restamp_copy_records(self._encoder, relid, rows, lsn, seq, keep)
+            else:
+                part = encode_copy_rows(self._encoder, relid, rows, lsn, seq, keep)
             if len(part):
                 seq += len(part)
                 yield part, headers

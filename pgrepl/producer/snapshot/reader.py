@@ -82,6 +82,11 @@ class ChunkRows:
         if rest:
             yield rest
 
+    @property
+    def spilled(self) -> bool:
+        """Whether the rows went to a temporary file (``blocks`` then holds only the last block)."""
+        return self._spill is not None
+
     def last_line(self) -> Optional[bytes]:
         if not self.blocks:
             return None
@@ -104,6 +109,8 @@ class Chunk:
         self.table = table
         self.range = key_range
         self.rows: Optional[ChunkRows] = None
+        # the rows encoded ahead (not when spilled): per block a Batch and the rows' identities
+        self.ahead: Optional[List[Any]] = None
         self.next_after: Any = None  # the key the range's next chunk starts after (None: range finished)
         self.low_seen = False
         self.stale: Set[bytes] = set()  # identities of rows changed in the stream between the watermarks
