@@ -104,6 +104,8 @@ class ConsumerLoop:
     def poll(self) -> None:
         """One round: resume due partitions, consume, group and dispatch; then the end-of-partitions and status checks."""
         timeout = self.failures.resume_due(self.poll_timeout)
+        if self.dispatcher.in_flight:
+            timeout = 0.0  # a transaction is in flight: take what is there, else settle it without waiting
         msgs = self.kafka.consume(self.dispatcher.poll_size, timeout)
         if self.kafka_errors.fatal is not None:
             return

@@ -618,8 +618,13 @@ def test_pipelined_sink_transactions_keep_order_and_apply_each_op_once() -> None
 
     data: Dict[int, List[Optional[bytes]]] = {p: [op_json(100 + p, i) for i in range(60)] for p in range(3)}
     kafka = FakeKafka("t", data)
+    timeouts: List[float] = []
+    consume = kafka.consume
+    kafka.consume = lambda n, timeout: timeouts.append(timeout) or consume(n, timeout)  # type: ignore[method-assign]
     sink = PartitionSink(flaky)
     consumer = run_pipelined(kafka, sink, batch_size=4)
+    # with a transaction in flight the loop does not block in consume(): it settles it instead
+    assert 0.0 in timeouts and 0.01 in timeouts
     assert sink.applied == {p: list(range(60)) for p in range(3)}
     assert kafka.stored == {0: 60, 1: 60, 2: 60} and consumer.stats.handled == 180
     assert sink.threads == {"pgrepl-sink_0"}  # one sink thread: one transaction at a time
