@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from pgrepl.consumer.failures import FailurePolicy
 from pgrepl.consumer.offsets import seek_back, store_offset
@@ -90,15 +90,17 @@ class Dispatcher:
         parts = self.partitions
         if self._sink_thread is None:
             self._sink_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pgrepl-sink")
+        # partitions sought back since these records were fetched: the seek came too late for
+        # them, so their records here are dropped (they come again from where the seek points)
+        rewound: Set[PartitionKey] = set()
         for key, msgs in groups.items():
             part = parts[key]
             plan = runner.prepare(part, msgs)
             settled = self.drain()
-            if settled is not None and settled[0] is part and (
-                    settled[1].failure is not None or settled[1].rest is not None):
-                continue  # sought back: these records come again
-            if not parts.holds(part) or part.paused:
-                continue  # revoked, or waiting for a retry, meanwhile
+            if settled is not None and (settled[1].failure is not None or settled[1].rest is not None):
+                rewound.add((settled[0].topic, settled[0].partition))
+            if key in rewound or not parts.holds(part) or part.paused:
+                continue  # sought back, revoked, or waiting for a retry, meanwhile
             self._inflight = (part, self._sink_thread.submit(runner.execute, part, plan))
 
     def dispatch(self, runner: Runner, groups: Dict[PartitionKey, List[Any]]) -> None:

@@ -646,3 +646,15 @@ def test_a_rebalance_settles_the_transaction_in_flight_before_it_commits() -> No
     # flight when the revocation came: it was settled (its offset stored) before the commit
     assert at_revocation == {0: 4, 1: 4}
     assert sink.applied == {0: list(range(6)), 1: list(range(6))} and kafka.stored == {0: 6, 1: 6}
+
+
+def test_pipelined_batches_put_back_by_the_time_budget_are_handled_again_in_order() -> None:
+    """The time budget puts the rest of a partition's records back while the loop already fetched
+    what follows them (for that partition and others): those records are dropped and fetched again,
+    never applied ahead of the put-back ones (the sink would then skip those as replays)."""
+    data: Dict[int, List[Optional[bytes]]] = {p: [op_json(200 + p, i) for i in range(30)] for p in range(3)}
+    kafka = FakeKafka("t", data)
+    sink = PartitionSink()
+    consumer = run_pipelined(kafka, sink, batch_size=2, poll_batch=9, max_batch_time=1e-6)
+    assert sink.applied == {p: list(range(30)) for p in range(3)}
+    assert kafka.stored == {0: 30, 1: 30, 2: 30} and consumer.stats.skipped == 0
