@@ -13,12 +13,15 @@ from pgrepl._core.core import (
     Record,
     Relation,
     ReplicationStream,
+    copy_out,
     copy_row_keys,
+    copy_rows,
     copy_row_values,
     encode_copy_rows,
     escape_json_string,
     key_partition,
     parse_canonical,
+    restamp_copy_records,
 )
 
 __all__ = [
@@ -29,10 +32,13 @@ __all__ = [
     "Record",
     "Relation",
     "ReplicationStream",
+    "copy_out",
     "copy_row_keys",
+    "copy_rows",
     "copy_row_values",
     "encode_copy_rows",
     "escape_json_string",
     "key_partition",
     "parse_canonical",
+    "restamp_copy_records",
 ]

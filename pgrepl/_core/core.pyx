@@ -13,6 +13,8 @@ inline across them; the C structs and the extension types' fields are declared i
 * stream.pxi     ReplicationStream: reads the CopyBoth stream from libpq, decodes in place
 * records.pxi    the consumer's parser of canonical ReplicationOp JSON
 * copy.pxi       snapshot rows (COPY text format) into the same Insert records
+* copy_out.pxi   COPY ... TO STDOUT read from libpq in blocks, with the GIL released
+* copy_in.pxi    ops into COPY ... FROM STDIN text, for sink handlers
 
 Per row the only Python objects made are the Kafka key and value ``bytes``.
 """
@@ -22,7 +24,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memchr, memcmp, memcpy, memset
@@ -44,3 +46,5 @@ include "pgoutput.pxi"
 include "stream.pxi"
 include "records.pxi"
 include "copy.pxi"
+include "copy_out.pxi"
+include "copy_in.pxi"

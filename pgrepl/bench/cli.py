@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="duration of the latency workload per rate, reader and repeat; 0 skips it (default 5)")
     what.add_argument("--consumer", action="store_true",
                       help="also measure consumer throughput over the topic the pgrepl producer filled")
+    what.add_argument("--snapshot", action="store_true",
+                      help="measure snapshots instead of streaming: per workload a table of --rows rows, exported "
+                           "with COPY TO STDOUT through psql (the ceiling), produced by a confluent-kafka loop (the "
+                           "broker path alone) and snapshotted by pgrepl's producer (snapshot='initial_only') with "
+                           "each --snapshot-connections value, until every record is delivered")
+    what.add_argument("--snapshot-connections", type=_positive_ints, metavar="N,N",
+                      help="comma-separated snapshot_connections values for --snapshot (default 1,4)")
+    what.add_argument("--snapshot-chunk-size", type=_positive_int, metavar="ROWS",
+                      help="snapshot_chunk_size for --snapshot (default: the Producer's)")
     what.add_argument("--decoder-only", action="store_true",
                       help="only replay a captured pgoutput stream through the Cython and pure-Python "
                            "decoders (no PostgreSQL or Kafka needed)")
@@ -171,6 +180,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--drop-leftovers needs --dsn (a throwaway server has nothing left over)")
     if args.decoder_only and (args.dsn or args.brokers or args.consumer):
         parser.error("--decoder-only needs no services: drop --dsn/--brokers/--consumer")
+    if args.snapshot and (args.decoder_only or args.consumer):
+        parser.error("--snapshot measures snapshots only: drop --decoder-only/--consumer")
+    from pgrepl.bench.snapshots import DEFAULT_CONNECTIONS
+
+    args.snapshot_connections = args.snapshot_connections or list(DEFAULT_CONNECTIONS)
     if args.consumer and "pgrepl" not in args.readers:
         parser.error("--consumer reads the topic the pgrepl producer filled: include pgrepl in --readers")
     if args.plot and not args.plot.lower().endswith(".png"):

@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, Dict, List, Optional
 
 from pgrepl.bench.readers import Readers, per_row
+from pgrepl.consumer.consumer import DEFAULT_BATCH_SIZE
 from pgrepl.postgres.connect import quote_ident
 
 #: (kind, label, writes the sink table)
@@ -25,7 +26,7 @@ KINDS = (
 )
 COPY_BATCHED = ("copy-batched", "COPY FROM STDIN, one transaction per {batch:,} rows")
 #: Ops per pgrepl consumer batch (handler call and sink transaction), the Consumer's default.
-BATCH_SIZE = 1000
+BATCH_SIZE = DEFAULT_BATCH_SIZE
 CEILING = "copy"
 
 

@@ -58,24 +58,29 @@ def split_password(dsn: str) -> Tuple[str, Dict[str, str]]:
     return psycopg2.extensions.make_dsn(**params), env
 
 
-def find_pg_recvlogical(explicit: Optional[str], bindir: Optional[str]) -> str:
-    """pg_recvlogical: ``--pg-recvlogical``, the sandbox's bindir, PATH, or the PostgreSQL install."""
+def find_pg_tool(name: str, explicit: Optional[str], bindir: Optional[str], hint: str) -> str:
+    """A PostgreSQL client program: ``explicit``, the sandbox's bindir, PATH, or the PostgreSQL install."""
     candidates: List[Optional[str]] = [explicit]
     if bindir:
-        candidates.append(os.path.join(bindir, "pg_recvlogical"))
-    candidates.append(shutil.which("pg_recvlogical"))
+        candidates.append(os.path.join(bindir, name))
+    candidates.append(shutil.which(name))
     if not explicit:
         with contextlib.suppress(ConfigError):
             from pgrepl.testing import find_pg_bindir
 
-            candidates.append(os.path.join(find_pg_bindir(), "pg_recvlogical"))
+            candidates.append(os.path.join(find_pg_bindir(), name))
     for path in candidates:
         if path and os.access(path, os.X_OK):
             return path
     if explicit:
-        raise ConfigError(f"--pg-recvlogical {explicit}: not an executable")
-    raise ConfigError("pg_recvlogical not found: install the PostgreSQL client tools, pass --pg-recvlogical PATH, "
-                      "or leave recvlogical out of --readers")
+        raise ConfigError(f"{explicit}: not an executable")
+    raise ConfigError(f"{name} not found: install the PostgreSQL client tools, {hint}")
+
+
+def find_pg_recvlogical(explicit: Optional[str], bindir: Optional[str]) -> str:
+    """pg_recvlogical: ``--pg-recvlogical``, the sandbox's bindir, PATH, or the PostgreSQL install."""
+    return find_pg_tool("pg_recvlogical", explicit, bindir,
+                        "pass --pg-recvlogical PATH, or leave recvlogical out of --readers")
 
 
 def exited(proc: "subprocess.Popen[Any]") -> bool:
@@ -118,8 +123,9 @@ class Readers:
     """
 
     def __init__(self, args: Any, dsn: str, brokers: str, recvlogical: Optional[str], resources: Any, ui: Ui,
-                 log_dir: str, debezium: Any = None) -> None:
+                 log_dir: str, debezium: Any = None, psql: Optional[str] = None) -> None:
         self.args = args
+        self.psql = psql  # psql, for --snapshot's COPY ceiling
         self.debezium = debezium  # a compiled pgrepl.bench.debezium.Debezium, when that reader runs
         self.dsn = dsn
         self.brokers = brokers
@@ -158,30 +164,39 @@ class Readers:
 
     # -- pg_recvlogical -----------------------------------------------------------------
 
-    def run_recvlogical(self, slot: str, publication: str, target: str) -> Dict[str, Any]:
-        """pg_recvlogical to /dev/null until ``--endpos``: wall clock and its own rusage."""
-        assert self.recvlogical is not None
-        dsn, env = split_password(self.dsn)
-        argv = [self.recvlogical, "-d", dsn, "--start", "-S", slot, "-o", "proto_version=1",
-                "-o", f"publication_names={publication}", "-f", "/dev/null", "--endpos", target, "--no-loop"]
-        with open(self.log_path(slot), "ab") as logf:
+    def run_program(self, program: str, argv: List[str], log_name: str) -> Dict[str, Any]:
+        """A PostgreSQL client program (the DSN's password in its environment) until it exits: wall
+        clock and its own rusage, or the error."""
+        _, env = split_password(self.dsn)
+        name = os.path.basename(argv[0])
+        with open(self.log_path(log_name), "ab") as logf:
             started = time.perf_counter()
             proc = self.resources.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
-                                        env=dict(os.environ, PGAPPNAME="pgrepl-bench-recvlogical", **env))
+                                        env=dict(os.environ, PGAPPNAME=f"pgrepl-bench-{program}", **env))
             status, usage, _ = wait_child(proc, self.args.timeout)
             wall = time.perf_counter() - started
         if status is None:
             self.resources.stop_process(proc)
-            return {"ok": False, "error": f"pg_recvlogical timed out after {self.args.timeout} s"}
+            return {"ok": False, "error": f"{name} timed out after {self.args.timeout} s"}
         self.resources.reaped(proc)
         if status != 0:
-            return {"ok": False, "error": f"pg_recvlogical exited with {status} (log {self.log_path(slot)})"}
+            return {"ok": False, "error": f"{name} exited with {status} (log {self.log_path(log_name)})"}
+        return {"ok": True, "wall_s": wall, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
+                "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_kb": usage.ru_maxrss, "records": None}
+
+    def run_recvlogical(self, slot: str, publication: str, target: str) -> Dict[str, Any]:
+        """pg_recvlogical to /dev/null until ``--endpos``: wall clock and its own rusage."""
+        assert self.recvlogical is not None
+        dsn, _ = split_password(self.dsn)
+        result = self.run_program("recvlogical", [
+            self.recvlogical, "-d", dsn, "--start", "-S", slot, "-o", "proto_version=1",
+            "-o", f"publication_names={publication}", "-f", "/dev/null", "--endpos", target, "--no-loop"], slot)
+        if not result["ok"]:
+            return result
         confirmed = self.resources.slot_confirmed(slot)
         if confirmed is None or lsn_int(confirmed) < lsn_int(target):
             return {"ok": False, "error": f"slot confirmed only to {confirmed}, target {target}"}
-        cpu = usage.ru_utime + usage.ru_stime
-        return {"ok": True, "wall_s": wall, "cpu_user_s": usage.ru_utime, "cpu_sys_s": usage.ru_stime,
-                "cpu_s": cpu, "peak_rss_kb": usage.ru_maxrss, "records": None}
+        return result
 
     # -- workers (python -m pgrepl.bench.worker) ----------------------------------------
 

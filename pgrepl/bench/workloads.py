@@ -196,7 +196,8 @@ def sink_table_sql(table: str, workload: Workload) -> List[str]:
     return create_table_sql(table, columns)[:1]
 
 
-def _insert_sql(workload: Workload, table: str) -> str:
+def insert_sql(workload: Workload, table: str) -> str:
+    """INSERT of the workload's rows with ids in ``[%s, %s]`` (generate_series)."""
     cols = ", ".join(quote_ident(name) for name, _ in workload.columns)
     return (f"INSERT INTO {quote_ident(table)} ({cols}) SELECT {', '.join(workload.insert_exprs)} "
             "FROM generate_series(%s::bigint, %s::bigint) g")
@@ -209,7 +210,7 @@ def preload(cur: Any, workload: Workload, table: str, changes: int) -> int:
     if rows:
         chunk = 200_000 if workload.rows_divisor == 1 else 2_000
         for start in range(1, rows + 1, chunk):
-            cur.execute(_insert_sql(workload, table), (start, min(rows, start + chunk - 1)))
+            cur.execute(insert_sql(workload, table), (start, min(rows, start + chunk - 1)))
     cur.execute(f"ANALYZE {quote_ident(table)}")
     return rows
 
@@ -250,7 +251,7 @@ def generate(conn: Any, workload: Workload, table: str, changes: int, tx_mode: s
     chunk_size = tx_size if tx_mode == "small" else max(tx_size, 10_000)
     chunks = max(1, -(-changes // chunk_size))
     ins_parts, upd_parts, del_parts = _split(inserts, chunks), _split(updates, chunks), _split(deletes, chunks)
-    insert_sql = _insert_sql(workload, table)
+    inserting = insert_sql(workload, table)
     quoted = quote_ident(table)
     update_sql = f"UPDATE {quoted} SET {workload.update_set} WHERE id BETWEEN %s AND %s"
     delete_sql = f"DELETE FROM {quoted} WHERE id BETWEEN %s AND %s"
@@ -265,7 +266,7 @@ def generate(conn: Any, workload: Workload, table: str, changes: int, tx_mode: s
         with conn.cursor() as cur:
             for index in range(chunks):
                 if ins_parts[index]:
-                    cur.execute(insert_sql, (next_insert, next_insert + ins_parts[index] - 1))
+                    cur.execute(inserting, (next_insert, next_insert + ins_parts[index] - 1))
                     counts["Insert"] += cur.rowcount
                     next_insert += ins_parts[index]
                 if upd_parts[index]:

@@ -94,6 +94,10 @@ TxHandler = Callable[[Any, ReplicationOp], Any]
 #: Makes a Kafka client from its settings (``kafka_factory``, ``dead_letter_factory``).
 KafkaFactory = Callable[[Dict[str, Any]], Any]
 
+#: Ops per handler batch / sink transaction unless ``batch_size`` says otherwise. Large enough that
+#: a sink transaction's fixed costs (lock, state row, commit) are small next to its rows.
+DEFAULT_BATCH_SIZE = 5000
+
 #: librdkafka settings the delivery guarantees rest on: pgrepl stores offsets itself.
 REQUIRED_KAFKA_CONFIG: Dict[str, Any] = {
     "enable.auto.offset.store": False,
@@ -124,7 +128,9 @@ class Consumer:
     hold their partition and are logged at every backoff.
 
     ``batch_size`` caps the ops per ``handle_batch`` call / sink transaction; ``workers``
-    partitions are handled in parallel (threads; one sink connection each). Up to
+    partitions are handled in parallel (threads; one sink connection each). With one worker the
+    idempotent forms are pipelined: the sink transactions run on a sink thread (the handler is
+    called there), one at a time, while the consumer parses and fetches what comes next. Up to
     ``poll_batch`` records are fetched per poll; once handling them took ``max_batch_time``
     seconds, the rest is put back (seek) and the consumer polls again, so rebalances and
     ``stop()`` wait for at most one handler batch. ``state_table``
@@ -154,7 +160,7 @@ class Consumer:
         dead_letter_topic: Optional[str] = None,
         retry_backoff: float = 0.5,
         max_backoff: float = 30.0,
-        batch_size: int = 1000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         poll_batch: int = 10000,
         poll_timeout: float = 0.25,
         max_batch_time: float = 1.0,

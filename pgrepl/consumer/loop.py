@@ -101,6 +101,7 @@ class ConsumerLoop:
             errors.fatal = errors.fatal or ConsumerError(
                 f"Kafka consumer error: {kafka_error_text(exc)}")
         finally:
+            self._drain()  # the transaction in flight: its offset is stored before the last commit
             self.dispatcher.close()
             self._close()
         if errors.fatal is not None:
@@ -109,20 +110,26 @@ class ConsumerLoop:
     def poll(self) -> None:
         """One round: resume due partitions, consume, group and dispatch; then the end-of-partitions and status checks."""
         timeout = self.failures.resume_due(self.poll_timeout)
+        if self.dispatcher.in_flight:
+            timeout = 0.0  # a transaction is in flight: take what is there, else settle it without waiting
         msgs = self.kafka.consume(self.dispatcher.poll_size, timeout)
         if self.kafka_errors.fatal is not None:
             return
+        groups = self.partitions.group(msgs) if msgs else None
         if msgs:
-            groups = self.partitions.group(msgs)
             self.stats.records += len(msgs)
             if self.observe:
                 self.stats.bytes += sum(map(len, msgs))
-            if groups:
-                self.stats.batches += 1
-                self.dispatcher.dispatch(self.runner, groups)
+        if groups:
+            self.stats.batches += 1
+            self.dispatcher.dispatch(self.runner, groups)
+        else:
+            self.dispatcher.drain()  # nothing new: settle what is in flight now
         if self.stop_at_eof and self.partitions.all_at_end():
-            log.info("every assigned partition is at its end; stopping")
-            self.waker.set()
+            self.dispatcher.drain()  # its failure would move a partition back from its end
+            if self.partitions.all_at_end():
+                log.info("every assigned partition is at its end; stopping")
+                self.waker.set()
         now = time.monotonic()
         if self.observe:
             self.stats.polled_at = now
@@ -184,8 +191,17 @@ class ConsumerLoop:
                 pass
         log.info("group %s: assigned %s", self.group_id, _describe(partitions))
 
+    def _drain(self) -> None:
+        """Settle the pipelined transaction in flight; a fatal outcome stops the consumer (raised by ``run``)."""
+        try:
+            self.dispatcher.drain()
+        except Fatal as fatal:
+            self.kafka_errors.fatal = self.kafka_errors.fatal or fatal.error
+            self.waker.set()
+
     def on_revoke(self, kafka: Any, partitions: List[TopicPartition]) -> None:
-        """Partitions are taken away: commit what is finished, then forget them."""
+        """Partitions are taken away: finish the transaction in flight, commit what is finished, then forget them."""
+        self._drain()
         if self.commit_offsets:
             commit_stored(kafka, "partitions revoked")
         self._forget(kafka, partitions)
@@ -193,6 +209,7 @@ class ConsumerLoop:
 
     def on_lost(self, kafka: Any, partitions: List[TopicPartition]) -> None:
         """Partitions were lost (session expired): nothing can be committed for them any more."""
+        self._drain()
         self._forget(kafka, partitions)
         log.warning("group %s: lost %s (session expired?); uncommitted work will be replayed by the next owner",
                     self.group_id, _describe(partitions))

@@ -189,6 +189,10 @@ class Partitions:
         self._rebalanced = True
         return paused
 
+    def holds(self, state: PartitionState) -> bool:
+        """Whether ``state`` is still this partition's state (not revoked, lost or dropped since)."""
+        return self._states.get((state.topic, state.partition)) is state
+
     def drop(self, state: PartitionState) -> None:
         """Forget one partition's state (its seek failed: it was revoked meanwhile)."""
         self._states.pop((state.topic, state.partition), None)

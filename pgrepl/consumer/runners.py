@@ -17,7 +17,7 @@ up to its last offset, so the failing op is found and the others are handled onc
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from pgrepl._runtime import Waker
 from pgrepl.consumer.outcome import Failure, Fatal, Outcome, StopConsuming
@@ -26,7 +26,7 @@ from pgrepl.errors import ConfigError, HandlerError, MalformedRecordError
 from pgrepl.model import ReplicationOp
 from pgrepl.sink.postgres import HandlerEndedTransaction, PostgresSink, is_sink_outage
 
-__all__ = ["BasicBatchRunner", "BasicRunner", "IdempotentRunner", "Runner", "TimeBudget"]
+__all__ = ["BasicBatchRunner", "BasicRunner", "IdempotentRunner", "Plan", "Runner", "TimeBudget"]
 
 #: Handles one partition's records of a consume() batch.
 Runner = Callable[[PartitionState, List[Any]], Outcome]
@@ -60,18 +60,22 @@ class TimeBudget:
         self._waker.set()
 
 
-def _chunks(part: PartitionState, msgs: List[Any], size: int) -> Iterator[List[Any]]:
-    """Split into handler batches; one op at a time while isolating a failed batch."""
+def _chunks(part: PartitionState, msgs: List[Any], size: int) -> Tuple[List[List[Any]], Optional[int]]:
+    """Split into handler batches, one op at a time while isolating a failed batch. Also returns
+    after how many batches the isolation ends, when it ends here (None: it goes on, or there is
+    none); ``part.isolate_until`` is left to the caller (this has no side effect)."""
+    chunks: List[List[Any]] = []
     start = 0
+    ends: Optional[int] = None
     if part.isolate_until is not None:
         limit = part.isolate_until
         while start < len(msgs) and msgs[start].offset() <= limit:
-            yield msgs[start:start + 1]
+            chunks.append(msgs[start:start + 1])
             start += 1
         if start < len(msgs):
-            part.isolate_until = None
-    for i in range(start, len(msgs), size):
-        yield msgs[i:i + size]
+            ends = len(chunks)
+    chunks.extend(msgs[i:i + size] for i in range(start, len(msgs), size))
+    return chunks, ends
 
 
 def _parse_chunk(chunk: List[Any]) -> Tuple[List[ReplicationOp], Optional[Failure]]:
@@ -134,21 +138,39 @@ class BasicRunner:
         return out
 
 
+class Plan(NamedTuple):
+    """A partition's records of a consume() batch, split into handler batches and parsed (``_BatchRunner.prepare``)."""
+
+    batches: List[Tuple[List[Any], List[ReplicationOp], Optional[Failure]]]  # (records, their ops, malformed one)
+    isolation_ends: Optional[int]  # the isolation of a failed batch is over before this batch
+
+
 class _BatchRunner:
-    """The batch forms' loop: split into handler batches, parse each, hand its ops to ``_handle``."""
+    """The batch forms' loop: split into handler batches, parse each, hand its ops to ``_handle``.
+
+    In two steps, so that the idempotent consumer can parse one partition's records while the sink
+    transaction of another runs (``Dispatcher``): ``prepare`` (split and parse, no side effect)
+    and ``execute`` (handle, in order; the time budget is checked between handler batches).
+    """
 
     size: int
     budget: TimeBudget
 
     def __call__(self, part: PartitionState, msgs: List[Any]) -> Outcome:
+        return self.execute(part, self.prepare(part, msgs))
+
+    def prepare(self, part: PartitionState, msgs: List[Any]) -> Plan:
+        chunks, ends = _chunks(part, msgs, self.size)
+        return Plan([(chunk, *_parse_chunk(chunk)) for chunk in chunks], ends)
+
+    def execute(self, part: PartitionState, plan: Plan) -> Outcome:
         out = Outcome()
-        first = True
-        for chunk in _chunks(part, msgs, self.size):
-            if not first and self.budget.used_up():
+        for index, (chunk, ops, bad) in enumerate(plan.batches):
+            if index and self.budget.used_up():
                 out.rest = chunk[0]
                 return out
-            first = False
-            ops, bad = _parse_chunk(chunk)
+            if index == plan.isolation_ends:
+                part.isolate_until = None  # every isolated op was handled
             if ops:
                 self._handle(part, chunk, ops, out)
                 if out.failure is not None or out.rest is not None:
@@ -188,7 +210,13 @@ class BasicBatchRunner(_BatchRunner):
 
 
 class IdempotentRunner(_BatchRunner):
-    """Exactly once into the sink: each handler batch of up to ``size`` ops is one ``PostgresSink.apply``."""
+    """Exactly once into the sink: each handler batch of up to ``size`` ops is one ``PostgresSink.apply``.
+
+    ``pipelined``: the dispatcher may run ``execute`` on its sink thread while it parses (and
+    fetches) what comes next.
+    """
+
+    pipelined = True
 
     def __init__(self, sink: PostgresSink, handler: BatchTxHandler, size: int, budget: TimeBudget) -> None:
         self.sink = sink

@@ -264,18 +264,6 @@ def test_debezium_connector_properties() -> None:
         connector_config("host=/var/run/postgresql dbname=db", "s", "p", "t", "public")
 
 
-def test_copy_lines_escape_like_copy_text_format() -> None:
-    from pgrepl.bench.worker import copy_line
-    from pgrepl.model import Op, ReplicationOp
-
-    def line(op: Op) -> str:
-        return copy_line(ReplicationOp("t", ("a", "b", "c"), 1, 0, op))
-
-    assert line(Op.insert(("1", "plain", "x"))) == "I\t1\tplain\tx\n"
-    assert line(Op.update(("1", "a", "b"), ("1", "a\tb", None))) == "U\t1\ta\\tb\t\\N\n"
-    assert line(Op.delete(("2", "c\\d", "e\nf\r"))) == "D\t2\tc\\\\d\te\\nf\\r\n"
-
-
 def test_sink_table_has_the_workload_columns_without_constraints() -> None:
     (sql,) = bench_workloads.sink_table_sql("pgrepl_bench_abcdef_sink", bench_workloads.WORKLOADS["inventory"])
     assert sql.startswith('CREATE TABLE "pgrepl_bench_abcdef_sink" ("op" text, "id" bigint, "organization_id" uuid')

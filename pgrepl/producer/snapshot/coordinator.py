@@ -23,11 +23,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import orjson
 
-from pgrepl._core import Batch, Decoder, copy_row_keys, copy_row_values, encode_copy_rows
+from pgrepl._core import Batch, Decoder, copy_row_keys, copy_row_values, encode_copy_rows, restamp_copy_records
 from pgrepl._runtime import Waker
 from pgrepl.errors import PgreplError
 from pgrepl.lsn import format_lsn
@@ -39,7 +39,6 @@ log = logging.getLogger("pgrepl.snapshot")
 
 REQUEST_PREFIX = "pgrepl.snapshot"
 HEADER = "pgrepl.snapshot"
-ENCODE_BATCH = 20_000
 
 #: A decoded batch (or a part of one) and the Kafka headers its records carry (snapshot rows).
 Part = Tuple[Batch, Optional[List[Tuple[str, bytes]]]]
@@ -112,6 +111,9 @@ class SnapshotCoordinator:
         self._readers: List[ChunkReader] = []
         self._encoder: Optional[Decoder] = None
         self._relids: Dict[str, int] = {}
+        self._partition_counts: Dict[str, int] = {}
+        self._generation = 0                # of the partition counts: a session's
+        self._local = threading.local()     # each reader thread's encoder
         self._requests: Dict[str, Dict[str, Any]] = {}  # asked for, being planned (kept in the history too)
 
     # -- jobs -----------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ class SnapshotCoordinator:
     def _next_chunk(self) -> Optional[Chunk]:
         """The next chunk to read: a range with no chunk in flight, or None after a short wait."""
         with self._lock:
-            if self.streaming and len(self._inflight) < 2 * self.connections:
+            if self.streaming and len(self._inflight) < self.connections + 1:
                 for job in self.jobs:
                     for table in job.tables:
                         for key_range in table.ranges:
@@ -241,11 +243,40 @@ class SnapshotCoordinator:
         return None
 
     def _chunk_read(self, chunk: Chunk) -> None:
-        """A reader has the chunk's rows: where its range continues is known now."""
+        """A reader has the chunk's rows: where its range continues is known now, and (on the reader's
+        thread, off the stream's) the rows are encoded ahead, at a position the emission rewrites."""
         last = chunk.next_after
         if last is not None:
             values = copy_row_values(last)
             chunk.next_after = tuple(values[i] for i in chunk.table.key_positions())
+        rows = chunk.rows
+        if rows is None or rows.spilled:
+            return  # a spilled keyless table stays on disk until its emission encodes it
+        encoder, relid = self._reader_encoder(chunk.table)
+        table = chunk.table
+        try:
+            records = [encode_copy_rows(encoder, relid, block, 0, 0) for block in rows.blocks]
+        except PgreplError:
+            return  # encoded at the emission, where the error stops the producer as it should
+        # the rows' identities, for the rows the stream changes during the window: then the
+        # COPY text can go (a chunk in flight is held once, as records)
+        identities = [copy_row_keys(block, table.key_positions(), len(table.columns)) for block in rows.blocks]
+        chunk.ahead = list(zip(records, identities))
+        rows.close()
+
+    def _reader_encoder(self, table: TablePlan) -> Tuple[Decoder, int]:
+        """This reader thread's own encoder (same topic map and partition counts as the stream's), and
+        the table's relation id in it."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            local.encoder = self._new_encoder()
+            local.relids = {}
+            local.generation = self._generation
+        relid = local.relids.get(table.qualified_name)
+        if relid is None:
+            relid = local.relids[table.qualified_name] = len(local.relids) + 1
+            local.encoder.define_relation(relid, table.schema, table.name, table.columns)
+        return local.encoder, relid
 
     def _chunk_failed(self, chunk: Chunk, error: BaseException) -> None:
         log.warning("snapshot chunk of %s failed (%s); reading it again", chunk.table.qualified_name,
@@ -276,18 +307,28 @@ class SnapshotCoordinator:
     # -- the stream -----------------------------------------------------------------------------
 
     def encoder(self, partition_counts: Dict[str, int]) -> Decoder:
-        """A decoder for snapshot rows, with the stream's partition counts."""
-        self._encoder = Decoder(self.topic_map)
-        for topic, count in partition_counts.items():
-            self._encoder.set_partition_count(topic, count)
+        """A decoder for snapshot rows, with the stream's partition counts (a new session's)."""
+        self._partition_counts = dict(partition_counts)
+        self._generation += 1  # the readers make new encoders of their own
+        self._encoder = self._new_encoder()
         self._relids = {}
         return self._encoder
 
-    def process(self, batch: Batch) -> List[Part]:
-        """Split ``batch`` around the chunks whose high watermark it holds (their rows go in between)."""
+    def _new_encoder(self) -> Decoder:
+        encoder = Decoder(self.topic_map)
+        for topic, count in self._partition_counts.items():
+            encoder.set_partition_count(topic, count)
+        return encoder
+
+    def process(self, batch: Batch) -> Iterator[Part]:
+        """Split ``batch`` around the chunks whose high watermark it holds (their rows go in between).
+
+        A generator: each chunk's rows are encoded a block at a time as the caller produces the
+        parts, so a chunk is never held in memory twice (COPY text and records) as a whole.
+        """
         if not batch.messages and not self._windows:
-            return [(batch, None)]
-        parts: List[Part] = []
+            yield batch, None
+            return
         start = 0
         commit = 0
         for index, lsn, prefix, content in batch.messages:
@@ -311,12 +352,11 @@ class SnapshotCoordinator:
             commit_end = commit
             while commit_end < len(batch.commits) and batch.commits[commit_end].commit_lsn < lsn:
                 commit_end += 1
-            parts.append((_part(batch, start, index, commit, commit_end), None))
+            yield _part(batch, start, index, commit, commit_end), None
             start, commit = index, commit_end
-            parts.extend(self._emit(chunk, lsn))
+            yield from self._emit(chunk, lsn)
         self._scan(batch, start, len(batch))
-        parts.append((_part(batch, start, len(batch), commit, len(batch.commits)), None))
-        return parts
+        yield _part(batch, start, len(batch), commit, len(batch.commits)), None
 
     def _scan(self, batch: Batch, start: int, end: int) -> None:
         """Note the rows the stream changed (old and new identity) in every open chunk window."""
@@ -336,7 +376,7 @@ class SnapshotCoordinator:
                 if record["table_name"] == chunk.table.name:
                     chunk.stale.update(_identities(record, chunk.table))
 
-    def _emit(self, chunk: Chunk, lsn: int) -> List[Part]:
+    def _emit(self, chunk: Chunk, lsn: int) -> Iterator[Part]:
         """The chunk's rows nobody changed during its window, as Insert records at ``(lsn, 0...)``."""
         assert self._encoder is not None and chunk.rows is not None
         self._windows.pop(chunk.id, None)
@@ -347,17 +387,21 @@ class SnapshotCoordinator:
             self._encoder.define_relation(relid, table.schema, table.name, table.columns)
         positions = table.key_positions()
         headers = [(HEADER, chunk.job_id.encode())]
-        parts: List[Part] = []
         seq = 0
-        for lines in chunk.rows.batches(ENCODE_BATCH):
+        blocks = chunk.ahead if chunk.ahead is not None else ((block, None) for block in chunk.rows.batches())
+        for rows, identities in blocks:
+            keep = None
             if chunk.stale:
-                keys = copy_row_keys(lines, positions, len(table.columns))
-                fresh = [line for line, key in zip(lines, keys) if key not in chunk.stale]
-                self.stale_rows += len(lines) - len(fresh)
-                lines = fresh
-            if lines:
-                parts.append((encode_copy_rows(self._encoder, relid, lines, lsn, seq), headers))
-                seq += len(lines)
+                keys = identities if identities is not None else copy_row_keys(rows, positions, len(table.columns))
+                keep = bytes(key not in chunk.stale for key in keys)
+                self.stale_rows += len(keys) - sum(keep)
+            if isinstance(rows, Batch):  # encoded by the reader: only the position is written now
+                part = restamp_copy_records(self._encoder, relid, rows, lsn, seq, keep)
+            else:
+                part = encode_copy_rows(self._encoder, relid, rows, lsn, seq, keep)
+            if len(part):
+                seq += len(part)
+                yield part, headers
         with self._lock:
             self._inflight.pop(chunk.id, None)
             chunk.rows.close()
@@ -367,7 +411,6 @@ class SnapshotCoordinator:
             self._confirmations.append(_Confirmation(lsn, table, chunk.range, chunk.next_after, seq))
             self._lock.notify_all()
         self.rows += seq
-        return parts
 
     def confirmed(self, lsn: int) -> None:
         """The slot is confirmed up to ``lsn``: chunks emitted before it are done for good."""

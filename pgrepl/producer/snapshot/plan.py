@@ -207,8 +207,40 @@ def _split(conn: psycopg2.extensions.connection, plan: TablePlan, ranges: int) -
     """``ranges`` key ranges of about equal size (a large table is read by several connections at once)."""
     if ranges <= 1 or plan.estimated_rows < ranges * 10_000:
         return [KeyRange()]
+    bounds = _histogram_bounds(conn, plan, ranges)
+    if bounds is None:
+        bounds = _offset_bounds(conn, plan, ranges)
+    edges: List[Optional[Key]] = [None, *bounds, None]
+    return [KeyRange(after=edges[i], upto=edges[i + 1], reading=edges[i]) for i in range(len(edges) - 1)]
+
+
+def _histogram_bounds(conn: psycopg2.extensions.connection, plan: TablePlan, ranges: int) -> Optional[List[Key]]:
+    """Bounds from the planner's histogram of a one-column key (ANALYZE's, no scan at all); None
+    when there is none (composite key, never analyzed)."""
+    if len(plan.key_columns) != 1:
+        return None
+    with conn.cursor() as cur:
+        cur.execute("SELECT histogram_bounds::text::text[] FROM pg_stats WHERE schemaname = %s AND tablename = %s "
+                    "AND attname = %s AND NOT inherited", (plan.schema, plan.name, plan.key_columns[0]))
+        row = cur.fetchone()
+    values = list(row[0]) if row is not None and row[0] is not None else []
+    if len(values) < 2 * ranges:
+        return None
+    bounds: List[Key] = []
+    for i in range(1, ranges):
+        bound = (str(values[len(values) * i // ranges]),)
+        if not bounds or bound != bounds[-1]:
+            bounds.append(bound)
+    return bounds
+
+
+def _offset_bounds(conn: psycopg2.extensions.connection, plan: TablePlan, ranges: int) -> List[Key]:
+    """Bounds at the estimated row counts' offsets in key order (one index scan per bound)."""
     keys = ", ".join(quote_ident(c) for c in plan.key_columns)
-    cast = ", ".join(f"{quote_ident(c)}::text" for c in plan.key_columns)
+    # the output columns get names of their own: ORDER BY "id" next to an output column named
+    # "id" (what "id"::text is called) would sort by the text, and bounds of a numeric key would
+    # come out of order (overlapping ranges, rows read twice)
+    cast = ", ".join(f"{quote_ident(c)}::text AS pgrepl_bound_{i}" for i, c in enumerate(plan.key_columns))
     bounds: List[Key] = []
     with conn.cursor() as cur:
         for i in range(1, ranges):
@@ -217,8 +249,7 @@ def _split(conn: psycopg2.extensions.connection, plan: TablePlan, ranges: int) -
             row = cur.fetchone()
             if row is not None and (not bounds or tuple(row) != bounds[-1]):
                 bounds.append(tuple(row))
-    edges: List[Optional[Key]] = [None, *bounds, None]
-    return [KeyRange(after=edges[i], upto=edges[i + 1], reading=edges[i]) for i in range(len(edges) - 1)]
+    return bounds
 
 
 def chunk_query(plan: TablePlan, after: Optional[Key], upto: Optional[Key], limit: Optional[int]) -> Tuple[str, List[Any]]:

@@ -1,7 +1,8 @@
 """Chunk readers: connections that read snapshot chunks between two watermarks in the WAL.
 
 For each chunk a reader commits a *low watermark* (a transactional logical decoding message),
-reads the chunk with ``COPY ... TO STDOUT`` in its own short transaction, hands the rows to the
+reads the chunk with ``COPY ... TO STDOUT`` in its own short transaction (in C, with the GIL
+released, in blocks of COPY text: ``copy_out``), hands the rows to the
 coordinator, and commits a *high watermark*. The producer sees both watermarks in the stream,
 in WAL order with everything else: changes between them tell it which chunk rows are stale
 (DBLog, Netflix 2019). ``synchronous_commit`` is on for these sessions, so a watermark is
@@ -15,11 +16,12 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Iterator, List, Optional, Set
 
 import psycopg2
 import psycopg2.extensions
 
+from pgrepl._core import copy_out
 from pgrepl._runtime import Waker
 from pgrepl.postgres.connect import connect
 from pgrepl.producer.snapshot.plan import KeyRange, TablePlan, chunk_query
@@ -31,53 +33,71 @@ WATERMARK_PREFIX = "pgrepl.watermark"
 #: A keyless table's rows are kept in memory up to this many bytes, then spilled to a temporary file.
 SPILL_BYTES = 16 << 20
 
+#: Rows are handed over (and later encoded and produced) in blocks of about this many bytes of COPY text.
+BLOCK_BYTES = 1 << 20
+
 
 class ChunkRows:
-    """A chunk's rows as COPY text lines: in memory, or spilled to a temporary file (keyless tables)."""
+    """A chunk's rows as blocks of COPY text lines: in memory, or spilled to a temporary file (keyless tables).
+
+    ``copy_out`` hands the blocks over (``add``); ``blocks`` gives them back in order.
+    """
 
     def __init__(self) -> None:
-        self.lines: List[bytes] = []
+        self.blocks: List[bytes] = []
         self.count = 0
         self._bytes = 0
         self._spill: Optional[Any] = None
 
-    def write(self, line: bytes) -> None:
-        """``copy_expert`` calls this with one COPY row at a time."""
-        self.count += 1
+    def add(self, block: bytes, rows: int) -> None:
+        """A block of ``rows`` whole COPY lines."""
+        self.count += rows
         if self._spill is not None:
-            self._spill.write(line)
+            self._spill.write(block)
+            self.blocks = [block]  # last_line() still needs the last one
             return
-        self.lines.append(bytes(line))
-        self._bytes += len(line)
+        self.blocks.append(block)
+        self._bytes += len(block)
         if self._bytes > SPILL_BYTES:
             self._spill = tempfile.TemporaryFile(prefix="pgrepl-snapshot-")
-            self._spill.writelines(self.lines)
-            self.lines = []
+            self._spill.writelines(self.blocks)
+            self.blocks = [self.blocks[-1]]  # last_line() still needs it
 
-    def batches(self, size: int) -> Any:
-        """The rows in order, ``size`` lines at a time."""
+    def batches(self) -> Iterator[bytes]:
+        """The rows in order, in blocks of whole lines."""
         if self._spill is None:
-            for start in range(0, len(self.lines), size):
-                yield self.lines[start:start + size]
+            yield from self.blocks
             return
         self._spill.seek(0)
-        batch: List[bytes] = []
-        for line in self._spill:
-            batch.append(line)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        rest = b""
+        while True:
+            data = self._spill.read(BLOCK_BYTES)
+            if not data:
+                break
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+        if rest:
+            yield rest
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the rows went to a temporary file (``blocks`` then holds only the last block)."""
+        return self._spill is not None
 
     def last_line(self) -> Optional[bytes]:
-        return self.lines[-1] if self.lines else None
+        if not self.blocks:
+            return None
+        block = self.blocks[-1]
+        return block[block.rfind(b"\n", 0, len(block) - 1) + 1:]
 
     def close(self) -> None:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
-        self.lines = []
+        self.blocks = []
 
 
 class Chunk:
@@ -89,6 +109,8 @@ class Chunk:
         self.table = table
         self.range = key_range
         self.rows: Optional[ChunkRows] = None
+        # the rows encoded ahead (not when spilled): per block a Batch and the rows' identities
+        self.ahead: Optional[List[Any]] = None
         self.next_after: Any = None  # the key the range's next chunk starts after (None: range finished)
         self.low_seen = False
         self.stale: Set[bytes] = set()  # identities of rows changed in the stream between the watermarks
@@ -132,9 +154,9 @@ class ChunkReader(threading.Thread):
         with conn.cursor() as cur:
             self._watermark(cur, chunk, "low")
             rows = ChunkRows()
-            sql = cur.mogrify(query, params).decode()
+            sql = cur.mogrify(query, params)
             cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY")
-            cur.copy_expert(sql, rows)
+            copy_out(conn, sql, rows.add, BLOCK_BYTES)  # in C, the GIL released while rows arrive
             cur.execute("COMMIT")
             chunk.rows = rows
             chunk.next_after = None if (limit is None or rows.count < limit) else rows.last_line()
