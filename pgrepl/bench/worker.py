@@ -300,7 +300,7 @@ def run_pydbzengine(spec: Dict[str, Any], emit: _Emitter) -> int:
     marks: Dict[str, Any] = {"changes": 0}
     done = threading.Event()
 
-    class Count(BasePythonChangeHandler):  # type: ignore[misc]
+    class Count(BasePythonChangeHandler):  # type: ignore[misc,unused-ignore]
         def handleJsonBatch(self, records: Any) -> None:
             changes = sum(1 for record in records if record.value() is not None)
             marks["changes"] += changes
@@ -308,7 +308,7 @@ def run_pydbzengine(spec: Dict[str, Any], emit: _Emitter) -> int:
                 marks["t1"], marks["cpu1"] = time.perf_counter(), _cpu()
                 done.set()
 
-    class Engine(DebeziumEngine):  # type: ignore[misc]
+    class Engine(DebeziumEngine):  # type: ignore[misc,unused-ignore]
         def _build_engine(self) -> Any:  # pydbzengine's, plus a ConnectorCallback for the task start
             self._ensure_jvm_started()
             from pydbzengine.engine._jvm import JDebeziumEngine, JProperties

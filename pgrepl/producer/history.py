@@ -22,12 +22,13 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Set
+from typing import Any, Dict, List, Mapping, Optional
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 from confluent_kafka import Consumer as KafkaConsumer
 
 from pgrepl import kafka_settings
+from pgrepl.topic_reader import read_to_end
 from pgrepl.producer.output import Retry
 
 log = logging.getLogger(__name__)
@@ -107,26 +108,15 @@ class SlotHistory:
             topic = metadata.topics.get(self.topic)
             if topic is None or topic.error is not None or not topic.partitions:
                 return {}  # never written: no slot was used through this Kafka cluster yet
-            partitions = sorted(topic.partitions)
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
-            at_end: Set[int] = set()
-            deadline = time.monotonic() + timeout
-            while len(at_end) < len(partitions):
-                if time.monotonic() > deadline:
-                    raise Retry(f"reading the slot history topic {self.topic!r} took over {timeout:.0f} s")
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        at_end.add(int(msg.partition() or 0))
-                        continue
-                    raise Retry(f"reading the slot history topic {self.topic!r}: {error.str()}")
-                at_end.discard(int(msg.partition() or 0))
-                key = msg.key()
-                if key is not None:
-                    latest[key] = msg.value()
+            try:
+                for msg in read_to_end(consumer, self.topic, sorted(topic.partitions), timeout):
+                    key = msg.key()
+                    if key is not None:
+                        latest[key] = msg.value()
+            except TimeoutError:
+                raise Retry(f"reading the slot history topic {self.topic!r} took over {timeout:.0f} s") from None
+            except KafkaException as exc:
+                raise Retry(f"reading the slot history topic {self.topic!r}: {exc}") from None
         finally:
             consumer.close()
         return {key: SlotRecord.from_json(value) for key, value in latest.items() if value}

@@ -14,9 +14,10 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import orjson
 import psycopg2
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer
 
 from pgrepl.lsn import parse_lsn
+from pgrepl.topic_reader import read_to_end
 from pgrepl.producer import Producer
 
 Message = Tuple[int, int, Optional[bytes], bytes]  # partition, offset, key, value
@@ -37,24 +38,8 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> List[Messag
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
         if not partitions:
             return []
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        done: set = set()
-        out: List[Message] = []
-        deadline = time.monotonic() + timeout
-        while len(done) < len(partitions):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: no EOF on partitions {set(partitions) - done}")
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    done.add(msg.partition())
-                    continue
-                raise RuntimeError(f"reading {topic}: {msg.error()}")
-            done.discard(msg.partition())
-            out.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
-        return out
+        return [(msg.partition(), msg.offset(), msg.key(), msg.value())
+                for msg in read_to_end(consumer, topic, partitions, timeout)]
     finally:
         consumer.close()
 

@@ -25,7 +25,7 @@ import orjson
 import psycopg2
 import psycopg2.extras
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer as KafkaProducer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -33,6 +33,7 @@ from psycopg2 import sql
 
 from pgrepl import Consumer, HandlerError
 from pgrepl.lsn import format_lsn
+from pgrepl.topic_reader import read_to_end
 from pgrepl.model import Op, ReplicationOp
 from pgrepl.producer import Producer
 from tests.integration.helpers import (
@@ -185,20 +186,8 @@ def read_with_headers(bootstrap: str, topic: str, timeout: float = 30.0) -> List
     """(value, headers) of every record of a one-partition topic, read to partition EOF."""
     kc = KafkaConsumer({"bootstrap.servers": bootstrap, "group.id": f"hdr-{time.monotonic_ns()}",
                         "enable.auto.commit": False, "enable.partition.eof": True})
-    out: List[Tuple[bytes, Dict[str, bytes]]] = []
     try:
-        kc.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = kc.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise RuntimeError(str(msg.error()))
-            out.append((msg.value(), dict(msg.headers() or [])))
-        raise TimeoutError(f"no EOF on {topic}")
+        return [(msg.value(), dict(msg.headers() or [])) for msg in read_to_end(kc, topic, [0], timeout)]
     finally:
         kc.close()
 

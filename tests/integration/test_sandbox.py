@@ -18,12 +18,13 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import psycopg2
 import psycopg2.extras
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 from psycopg2 import sql
 
 import pgrepl
 from pgrepl.testing import LocalBroker, LocalPostgres, SandboxError, sweep_orphans
 from pgrepl.testing import _service
+from pgrepl.topic_reader import read_to_end
 
 # tansu (like Kafka with group.initial.rebalance.delay) holds a new group's first join back; with
 # tansu the hold is about session.timeout.ms / 2, so librdkafka's 45 s default would cost ~22 s.
@@ -267,19 +268,7 @@ def _read_partition_to_eof(bootstrap: str, topic: str, partition: int, timeout: 
         {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.partition.eof": True, "enable.auto.commit": False}
     )
     try:
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        out: List[Message] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(f"consumer error: {msg.error()}")
-            out.append(msg)
-        raise AssertionError(f"no partition EOF on {topic}[{partition}] within {timeout:.0f} s")
+        return list(read_to_end(consumer, topic, [partition], timeout))
     finally:
         consumer.close()
 
