@@ -60,6 +60,8 @@ def copy_out(conn, bytes query, sink, Py_ssize_t block_bytes=1048576):
     number of rows; raises ``psycopg2.DatabaseError`` when the server refuses the query
     (``OperationalError`` when the connection is lost)."""
     _load_copy_out()
+    if block_bytes <= 0:
+        raise ValueError(f"block_bytes must be positive, not {block_bytes}")
     cdef size_t addr = conn.pgconn_ptr
     if addr == 0:
         raise StreamError("the connection is closed")

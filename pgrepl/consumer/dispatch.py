@@ -23,7 +23,7 @@ import logging
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from pgrepl.consumer.failures import FailurePolicy
-from pgrepl.consumer.offsets import seek_back, store_offset
+from pgrepl.consumer.offsets import store_offset
 from pgrepl.consumer.outcome import Fatal, Outcome
 from pgrepl.consumer.partitions import PartitionKey, PartitionState, Partitions
 from pgrepl.consumer.runners import Runner, TimeBudget
@@ -80,7 +80,9 @@ class Dispatcher:
         part, future = self._inflight
         self._inflight = None
         outcome = future.result()
-        self.settle(part, outcome)
+        # a put-back pauses the partition: drain() may run inside consume() (a rebalance callback),
+        # which can return records of the partition fetched before the seek; paused, they are dropped
+        self.settle(part, outcome, pause_put_back=True)
         self._adapt(outcome.rest is not None, outcome.handled + outcome.skipped)
         return part, outcome
 
@@ -94,7 +96,9 @@ class Dispatcher:
         # them, so their records here are dropped (they come again from where the seek points)
         rewound: Set[PartitionKey] = set()
         for key, msgs in groups.items():
-            part = parts[key]
+            part = parts.get(key)
+            if part is None:
+                continue  # dropped while settling the previous transaction (its seek failed: revoked)
             plan = runner.prepare(part, msgs)
             settled = self.drain()
             if settled is not None and (settled[1].failure is not None or settled[1].rest is not None):
@@ -147,8 +151,9 @@ class Dispatcher:
         elif self.poll_size < self.poll_batch:
             self.poll_size = min(self.poll_size * 2, self.poll_batch)
 
-    def settle(self, part: PartitionState, out: Outcome) -> None:
-        """Count the outcome, store the offset after what is done, then apply its failure or put its rest back."""
+    def settle(self, part: PartitionState, out: Outcome, pause_put_back: bool = False) -> None:
+        """Count the outcome, store the offset after what is done, then apply its failure or put its rest back
+        (with ``pause_put_back``, pausing the partition until the next poll)."""
         stats = self.stats
         stats.handled += out.handled
         stats.skipped += out.skipped
@@ -164,4 +169,4 @@ class Dispatcher:
             self.failures.handle(part, out.failure)
         elif out.rest is not None:
             self.partitions.rewound(part)  # an EOF event fetched with the rest does not count any more
-            seek_back(self.kafka, part.topic, part.partition, out.rest.offset())
+            self.failures.put_back(part, out.rest.offset(), pause=pause_put_back)

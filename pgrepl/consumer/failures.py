@@ -179,6 +179,21 @@ class FailurePolicy:
         """Seconds to wait before attempt ``attempts + 1``: doubling from ``retry_backoff``, capped."""
         return float(min(self.retry_backoff * (2 ** min(attempts - 1, 30)), self.max_backoff))
 
+    def put_back(self, part: PartitionState, offset: int, pause: bool = False) -> None:
+        """Records from ``offset`` on were not handled (time budget): fetch them again at the next poll.
+
+        With ``pause``, paused as for a retry (resumed at the next poll): records of the partition
+        fetched before the seek but not handled yet (a consume() during which a rebalance callback
+        settled a transaction) are then dropped by ``Partitions.group``, not applied ahead of these.
+        """
+        if pause:
+            self._rewind(part, offset, 0.0)
+            return
+        try:
+            self.kafka.seek(TopicPartition(part.topic, part.partition, offset))
+        except KafkaException as exc:  # revoked meanwhile: the next owner starts at the committed offset
+            log.debug("cannot seek %s back: %s", part.where(offset), exc)
+
     def _rewind(self, part: PartitionState, offset: int, delay: float) -> None:
         """Pause the partition and seek it to ``offset``; it resumes after ``delay`` seconds."""
         try:

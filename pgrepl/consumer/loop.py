@@ -2,8 +2,10 @@
 
 One round (``poll``) resumes the partitions whose backoff is over, fetches up to the
 dispatcher's poll size, groups the records by partition and dispatches them. Rebalance
-callbacks run inside ``consume()``, between rounds: no handler batch is in flight then, so a
-revocation commits finished work instead of interrupting it. On stop the stored offsets are
+callbacks run inside ``consume()``, between rounds: the idempotent consumer's pipelined
+transaction may still be running then, so a revocation first waits for it and settles it (a
+put-back pauses the partition, so records fetched before its seek are dropped), then commits
+finished work instead of interrupting it. On stop the stored offsets are
 committed and the member leaves the group.
 """
 
@@ -101,9 +103,13 @@ class ConsumerLoop:
             errors.fatal = errors.fatal or ConsumerError(
                 f"Kafka consumer error: {kafka_error_text(exc)}")
         finally:
-            self._drain()  # the transaction in flight: its offset is stored before the last commit
-            self.dispatcher.close()
-            self._close()
+            try:
+                self._drain()  # the transaction in flight: its offset is stored before the last commit
+            finally:
+                try:
+                    self.dispatcher.close()
+                finally:
+                    self._close()
         if errors.fatal is not None:
             raise errors.fatal
 

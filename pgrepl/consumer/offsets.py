@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 log = logging.getLogger(__name__)
 
-__all__ = ["commit_stored", "seek_back", "store_offset"]
+__all__ = ["commit_stored", "store_offset"]
 
 
 def store_offset(kafka: Any, topic: str, partition: int, next_offset: int) -> None:
@@ -24,14 +24,6 @@ def store_offset(kafka: Any, topic: str, partition: int, next_offset: int) -> No
         kafka.store_offsets(offsets=[TopicPartition(topic, partition, next_offset)])
     except KafkaException as exc:  # the partition was revoked meanwhile
         log.debug("not storing offset %d of %s[%d]: %s", next_offset, topic, partition, exc)
-
-
-def seek_back(kafka: Any, topic: str, partition: int, offset: int) -> None:
-    """Put records from ``offset`` on back: they are fetched again on the next polls."""
-    try:
-        kafka.seek(TopicPartition(topic, partition, offset))
-    except KafkaException as exc:  # revoked meanwhile: the next owner starts at the committed offset
-        log.debug("cannot seek %s[%d]@%d back: %s", topic, partition, offset, exc)
 
 
 def commit_stored(kafka: Any, why: str) -> None:

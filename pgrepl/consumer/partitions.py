@@ -78,6 +78,10 @@ class Partitions:
     def __getitem__(self, key: PartitionKey) -> PartitionState:
         return self._states[key]
 
+    def get(self, key: PartitionKey) -> Optional[PartitionState]:
+        """The partition's state, or None when it was dropped (revoked, lost, or its seek failed)."""
+        return self._states.get(key)
+
     def __iter__(self) -> Iterator[PartitionState]:
         return iter(self._states.values())
 

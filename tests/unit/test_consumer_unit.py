@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pgrepl import ConfigError, ConsumerError, HandlerError, Op, ReplicationOp
 from pgrepl.consumer import Consumer, StopConsuming
@@ -119,6 +119,7 @@ class FakeKafka:
         self.at_end_reported = {p: False for p in partitions}
         self.polls = 0
         self.before_poll: Optional[Callable[["FakeKafka"], None]] = None  # a test's hook, runs in consume()
+        self.after_fetch: Optional[Callable[["FakeKafka"], None]] = None  # runs in consume() after it fetched
         self.closed = False
 
     def factory(self, settings: Dict[str, Any]) -> "FakeKafka":
@@ -168,6 +169,8 @@ class FakeKafka:
                     and not self.at_end_reported[p] and len(out) < num_messages):
                 out.append(FakeMsg(self.topic, p, self.position[p], None, EOF_EVENT))
                 self.at_end_reported[p] = True
+        if self.after_fetch is not None:
+            self.after_fetch(self)
         if not out:
             time.sleep(timeout)
         return out
@@ -658,3 +661,67 @@ def test_pipelined_batches_put_back_by_the_time_budget_are_handled_again_in_orde
     consumer = run_pipelined(kafka, sink, batch_size=2, poll_batch=9, max_batch_time=1e-6)
     assert sink.applied == {p: list(range(30)) for p in range(3)}
     assert kafka.stored == {0: 30, 1: 30, 2: 30} and consumer.stats.skipped == 0
+
+
+def test_a_put_back_settled_in_a_revocation_drops_what_that_consume_fetched_after_it() -> None:
+    """Cooperative rebalancing: a revocation of another partition inside consume() settles the
+    transaction in flight, whose rest is put back; records of that partition fetched by the same
+    consume() (after the put-back ones) must not be applied ahead of them (the sink would skip the
+    put-back ones as replays: lost ops)."""
+    data: Dict[int, List[Optional[bytes]]] = {p: [op_json(300 + p, i) for i in range(60)] for p in range(3)}
+    kafka = FakeKafka("t", data)
+    sink = PartitionSink()
+    settled_in_revocation: List[int] = []
+    revoking = threading.Event()
+    seek = kafka.seek
+
+    def seek_logged(tp: TopicPartition) -> None:
+        if revoking.is_set():
+            settled_in_revocation.append(tp.partition)
+        seek(tp)
+
+    def cooperative(kafka: FakeKafka) -> None:  # partition 0 taken away after a consume() fetched, then back
+        if 0 in kafka.assigned and kafka.polls % 2 and kafka.polls < 12:
+            revoking.set()
+            kafka.rebalance([0], [])
+            revoking.clear()
+        elif 0 not in kafka.assigned:
+            kafka.rebalance([], [0])
+
+    kafka.seek = seek_logged  # type: ignore[method-assign]
+    kafka.after_fetch = cooperative
+    run_pipelined(kafka, sink, batch_size=2, poll_batch=30, max_batch_time=1e-6)
+    assert settled_in_revocation  # the case: another partition's rest put back inside a revocation
+    for p in (1, 2):
+        assert sink.applied[p] == list(range(60)), p  # every op, once, in order (ops were lost here)
+    assert sorted(set(sink.applied[0])) == list(range(60))
+    assert kafka.stored == {0: 60, 1: 60, 2: 60}
+
+
+def test_a_partition_dropped_while_its_transaction_settles_is_not_looked_up_again() -> None:
+    """The transaction in flight fails and its partition's seek fails (revoked meanwhile): the
+    partition is dropped; its records in the batch being dispatched are left to the next owner."""
+    data: Dict[int, List[Optional[bytes]]] = {p: [op_json(400 + p, i) for i in range(8)] for p in range(2)}
+    kafka = FakeKafka("t", data)
+    calls = {"n": 0}
+
+    def fail_second() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    seek = kafka.seek
+    seeks = {"n": 0}
+
+    def seek_fails_once(tp: TopicPartition) -> None:
+        seeks["n"] += 1
+        if seeks["n"] == 1:
+            kafka.paused.discard(tp.partition)  # a real revocation hands the partition over; this fake keeps it
+            raise KafkaException(KafkaError(KafkaError._STATE, "revoked meanwhile"))
+        seek(tp)
+
+    kafka.seek = seek_fails_once  # type: ignore[method-assign]
+    sink = PartitionSink(fail_second)
+    run_pipelined(kafka, sink, batch_size=2, poll_batch=4)  # raised KeyError once
+    assert seeks["n"] >= 1 and sink.applied[0] == list(range(8))
+    # this fake keeps partition 1 assigned (a real revocation hands it over): what came later is in order
+    assert sink.applied[1] == sorted(sink.applied[1])

@@ -254,13 +254,14 @@ class SnapshotCoordinator:
             return  # a spilled keyless table stays on disk until its emission encodes it
         encoder, relid = self._reader_encoder(chunk.table)
         table = chunk.table
+        blocks = list(rows.blocks)  # read once: a pause() meanwhile must not leave records without identities
         try:
-            records = [encode_copy_rows(encoder, relid, block, 0, 0) for block in rows.blocks]
+            records = [encode_copy_rows(encoder, relid, block, 0, 0) for block in blocks]
         except PgreplError:
             return  # encoded at the emission, where the error stops the producer as it should
         # the rows' identities, for the rows the stream changes during the window: then the
         # COPY text can go (a chunk in flight is held once, as records)
-        identities = [copy_row_keys(block, table.key_positions(), len(table.columns)) for block in rows.blocks]
+        identities = [copy_row_keys(block, table.key_positions(), len(table.columns)) for block in blocks]
         chunk.ahead = list(zip(records, identities))
         rows.close()
 
