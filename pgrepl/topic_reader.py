@@ -1,4 +1,4 @@
-"""Reading a Kafka topic from its beginning to its end: the slot history, tests, the demo."""
+"""Reading a Kafka topic from its beginning to its end (the slot history, tests), by partition EOF."""
 
 from __future__ import annotations
 
