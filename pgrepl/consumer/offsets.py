@@ -1,4 +1,4 @@
-"""Moving a partition's Kafka offsets: store one for commit, commit the stored ones."""
+"""Moving a partition's Kafka offsets: store one for commit, commit the stored ones.
 
 ``enable.auto.offset.store`` is off: an offset is stored only once the work before it is done,
 librdkafka commits the stored offsets periodically, and the loop commits synchronously when
