@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterator, List, Optional, Set
 
 import psycopg2
@@ -153,6 +154,7 @@ class ChunkReader(threading.Thread):
         query, params = chunk_query(table, key_range.reading, key_range.upto, limit)
         with conn.cursor() as cur:
             self._watermark(cur, chunk, "low")
+            self._settle_commits(cur)
             rows = ChunkRows()
             sql = cur.mogrify(query, params)
             cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY")
@@ -162,6 +164,25 @@ class ChunkReader(threading.Thread):
             chunk.next_after = None if (limit is None or rows.count < limit) else rows.last_line()
             self.on_read(chunk)  # before the high watermark: its data is there when the watermark is
             self._watermark(cur, chunk, "high")
+
+    def _settle_commits(self, cur: Any) -> None:
+        """Wait (briefly) for transactions that have committed but are not visible yet.
+
+        A transaction writes its commit record, marks itself committed, and only then becomes
+        visible to new snapshots. One caught between those steps while the low watermark commits
+        has its changes before the window (so they do not mark the chunk's rows stale) and yet
+        invisible to the chunk's read: the chunk would carry the older row after the stream's
+        newer one. So the read waits until the transactions the server still listed as running
+        after the watermark, but already committed or aborted, are gone (milliseconds; at most 5 s).
+        """
+        cur.execute("SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
+                    "WHERE pg_xact_status(x) <> 'in progress'")
+        finishing = {row[0] for row in cur.fetchall()}  # later ones commit after the watermark: in the window
+        deadline = time.monotonic() + 5.0
+        while finishing and time.monotonic() < deadline:
+            time.sleep(0.001)
+            cur.execute("SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x")
+            finishing &= {row[0] for row in cur.fetchall()}
 
     def _watermark(self, cur: Any, chunk: Chunk, edge: str) -> None:
         content = json.dumps({"chunk": chunk.id, "edge": edge, "pid": os.getpid()})
